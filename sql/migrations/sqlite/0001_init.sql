@@ -20,7 +20,7 @@ CREATE TABLE warren_outbox (
 );
 
 -- The relay's work list and the backlog gauges read this small index only.
-CREATE INDEX warren_outbox_unpublished ON warren_outbox (producer, seq) WHERE published_at IS NULL;
+CREATE INDEX warren_outbox_unpublished ON warren_outbox (seq) WHERE published_at IS NULL;
 -- Retention prunes published rows by age.
 CREATE INDEX warren_outbox_published_at ON warren_outbox (published_at) WHERE published_at IS NOT NULL;
 
@@ -36,6 +36,10 @@ CREATE TABLE warren_inbox (
     aggregate_version INTEGER,
     content_type      TEXT    NOT NULL DEFAULT '',
     headers           TEXT    NOT NULL DEFAULT '{}',
+    -- the AMQP properties as received, a JSON object in the contract's
+    -- "delivery as JSON" shape (correlationId, timestamp, ...), so that
+    -- `warren inbox show` prints the delivery whole
+    properties        TEXT    NOT NULL DEFAULT '{}',
     body              BLOB,
     status            TEXT    NOT NULL CHECK (status IN ('processed', 'retrying', 'poisoned')),
     attempts          INTEGER NOT NULL DEFAULT 0,
@@ -50,3 +54,5 @@ CREATE INDEX warren_inbox_received ON warren_inbox (consumer, first_received_at)
 CREATE INDEX warren_inbox_status ON warren_inbox (consumer, status, first_received_at);
 CREATE INDEX warren_inbox_type ON warren_inbox (consumer, event_type, first_received_at);
 CREATE INDEX warren_inbox_aggregate ON warren_inbox (consumer, aggregate_type, aggregate_id);
+-- Retention prunes processed rows by age (poisoned and retrying rows are kept).
+CREATE INDEX warren_inbox_prune ON warren_inbox (processed_at) WHERE status = 'processed';

@@ -1,0 +1,397 @@
+package outbox
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	wsql "github.com/warrenmq/warren/sql"
+)
+
+// Row is one row of warren_outbox as the relay reads it. Rows inserted by
+// hand may hold anything SQLite accepts; Err says what is wrong with such a
+// row (nil for a good one), and the other fields are best effort.
+type Row struct {
+	Seq              int64
+	EventID          string
+	Producer         string
+	EventType        string
+	AggregateType    string
+	AggregateID      string
+	AggregateVersion *int64
+	ContentType      string
+	Headers          map[string]string
+	Payload          []byte
+	CorrelationID    string
+	Expiration       string // milliseconds, as AMQP carries it
+	Traceparent      string
+	CreatedAt        time.Time
+	PublishedAt      *time.Time
+	// Err is why the row cannot be published as it is; nil when it can.
+	Err error
+}
+
+// Size is the row's approximate memory footprint, for read-ahead limits.
+func (r *Row) Size() int {
+	n := 256 + len(r.Payload) + len(r.EventID) + len(r.EventType) + len(r.AggregateID)
+	for k, v := range r.Headers {
+		n += len(k) + len(v) + 32
+	}
+	return n
+}
+
+// AggregateKey identifies the aggregate whose events must stay in order. A
+// row without an aggregate id has a key of its own.
+func (r *Row) AggregateKey() string {
+	if r.AggregateID == "" {
+		return "\x00seq:" + strconv.FormatInt(r.Seq, 10)
+	}
+	return r.Producer + "\x00" + r.AggregateType + "\x00" + r.AggregateID
+}
+
+const rowColumns = `seq, event_id, producer, event_type, aggregate_type, aggregate_id, aggregate_version,
+	content_type, headers, payload, correlation_id, expiration, traceparent, created_at, published_at`
+
+type scanner interface{ Scan(...any) error }
+
+// scanRow reads one row tolerantly: SQLite lets another language store a
+// number where text belongs and text where a number belongs, so everything
+// but seq is scanned loosely and checked here.
+func scanRow(s scanner, maxPayload int) (Row, error) {
+	var (
+		r                                                   Row
+		eventID, producer, eventType, aggType, aggID, ctype sql.NullString
+		headers, corr, exp, tp, created, published          sql.NullString
+		aggVersion                                          any
+		payload                                             []byte
+	)
+	if err := s.Scan(&r.Seq, &eventID, &producer, &eventType, &aggType, &aggID, &aggVersion,
+		&ctype, &headers, &payload, &corr, &exp, &tp, &created, &published); err != nil {
+		return Row{}, fmt.Errorf("scan outbox row: %w", err)
+	}
+	r.EventID, r.Producer, r.EventType = eventID.String, producer.String, eventType.String
+	r.AggregateType, r.AggregateID = aggType.String, aggID.String
+	r.ContentType, r.CorrelationID, r.Traceparent = ctype.String, corr.String, tp.String
+	r.Payload = payload
+	var problems []string
+	add := func(err error) {
+		if err != nil {
+			problems = append(problems, strings.TrimPrefix(err.Error(), "invalid event: "))
+		}
+	}
+	if r.ContentType == "" {
+		r.ContentType = DefaultContentType
+	}
+	switch v := aggVersion.(type) {
+	case nil:
+	case int64:
+		r.AggregateVersion = &v
+	case string, []byte:
+		s := fmt.Sprint(v)
+		if b, ok := v.([]byte); ok {
+			s = string(b)
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+		if err != nil {
+			add(fmt.Errorf("aggregate_version: %q is not an integer", s))
+		} else {
+			r.AggregateVersion = &n
+		}
+	case float64:
+		if v != float64(int64(v)) {
+			add(fmt.Errorf("aggregate_version: %v is not an integer", v))
+		} else {
+			n := int64(v)
+			r.AggregateVersion = &n
+		}
+	default:
+		add(fmt.Errorf("aggregate_version: %T is not an integer", v))
+	}
+	h, err := ParseHeaders(headers.String)
+	add(err)
+	r.Headers = h
+	if exp.Valid && exp.String != "" {
+		n, err := strconv.ParseInt(exp.String, 10, 64)
+		if err != nil || n < 0 {
+			add(fmt.Errorf("expiration: %q is not a whole number of milliseconds", exp.String))
+		} else {
+			r.Expiration = exp.String
+		}
+	}
+	if created.Valid {
+		t, err := wsql.ParseTime(created.String)
+		if err != nil {
+			add(fmt.Errorf("created_at: %w", err))
+		}
+		r.CreatedAt = t
+	}
+	if published.Valid {
+		t, err := wsql.ParseTime(published.String)
+		if err == nil {
+			r.PublishedAt = &t
+		}
+	}
+	ev := Event{ID: r.EventID, Producer: r.Producer, Type: r.EventType, Payload: r.Payload}
+	if ev.Payload == nil {
+		ev.Payload = []byte{} // NOT NULL in the schema; an empty BLOB scans as nil
+	}
+	if r.EventID == "" {
+		add(fmt.Errorf("event_id: empty"))
+	}
+	add(ev.Validate(maxPayload))
+	if len(problems) > 0 {
+		r.Err = fmt.Errorf("outbox row seq %d (event_id %q): %s", r.Seq, r.EventID, strings.Join(problems, "; "))
+	}
+	return r, nil
+}
+
+// Querier is what the read functions need: a *sql.DB, *sql.Tx or *sql.Conn.
+type Querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// ReadUnpublished returns up to limit unpublished rows with seq > afterSeq,
+// in seq order. maxPayload is the payload limit used to validate rows (0 =
+// DefaultMaxPayloadBytes).
+func ReadUnpublished(ctx context.Context, q Querier, afterSeq int64, limit, maxPayload int) ([]Row, error) {
+	rows, err := q.QueryContext(ctx, `SELECT `+rowColumns+` FROM warren_outbox INDEXED BY warren_outbox_unpublished
+		WHERE published_at IS NULL AND seq > ? ORDER BY seq LIMIT ?`, afterSeq, limit)
+	if err != nil {
+		return nil, fmt.Errorf("read outbox: %w", err)
+	}
+	defer rows.Close()
+	out := make([]Row, 0, limit)
+	for rows.Next() {
+		r, err := scanRow(rows, maxPayload)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read outbox: %w", err)
+	}
+	return out, nil
+}
+
+// Get returns the row with seq, and false when there is none.
+func Get(ctx context.Context, q Querier, seq int64, maxPayload int) (Row, bool, error) {
+	row := q.QueryRowContext(ctx, `SELECT `+rowColumns+` FROM warren_outbox WHERE seq = ?`, seq)
+	r, err := scanRow(row, maxPayload)
+	if err != nil {
+		if errors.Is(err, sql.ErrNoRows) {
+			return Row{}, false, nil
+		}
+		return Row{}, false, err
+	}
+	return r, true, nil
+}
+
+// MarkPublished sets published_at on the rows with the given seqs in one
+// short transaction. Call it only after the broker confirmed them.
+func MarkPublished(ctx context.Context, db *sql.DB, seqs []int64, at time.Time) error {
+	if len(seqs) == 0 {
+		return nil
+	}
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("mark published: begin: %w", err)
+	}
+	defer func() { _ = tx.Rollback() }()
+	ts := wsql.FormatTime(at)
+	const chunk = 500
+	for start := 0; start < len(seqs); start += chunk {
+		part := seqs[start:min(start+chunk, len(seqs))]
+		args := make([]any, 0, len(part)+1)
+		args = append(args, ts)
+		for _, s := range part {
+			args = append(args, s)
+		}
+		q := `UPDATE warren_outbox SET published_at = ? WHERE published_at IS NULL AND seq IN (?` + strings.Repeat(",?", len(part)-1) + `)`
+		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+			return fmt.Errorf("mark published: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("mark published: commit: %w", err)
+	}
+	return nil
+}
+
+// Prune deletes published rows older than before, batch rows per short
+// transaction so the write lock is never held long, and returns how many
+// it deleted. With dryRun it only counts them.
+func Prune(ctx context.Context, db *sql.DB, before time.Time, batch int, dryRun bool) (int64, error) {
+	if batch <= 0 {
+		batch = 1000
+	}
+	ts := wsql.FormatTime(before)
+	if dryRun {
+		var n int64
+		err := db.QueryRowContext(ctx, `SELECT count(*) FROM warren_outbox WHERE published_at IS NOT NULL AND published_at < ?`, ts).Scan(&n)
+		if err != nil {
+			return 0, fmt.Errorf("prune outbox: count: %w", err)
+		}
+		return n, nil
+	}
+	var total int64
+	for {
+		res, err := db.ExecContext(ctx, `DELETE FROM warren_outbox WHERE seq IN (
+			SELECT seq FROM warren_outbox INDEXED BY warren_outbox_published_at
+			WHERE published_at IS NOT NULL AND published_at < ? LIMIT ?)`, ts, batch)
+		if err != nil {
+			return total, fmt.Errorf("prune outbox: %w", err)
+		}
+		n, _ := res.RowsAffected()
+		total += n
+		if n < int64(batch) {
+			return total, nil
+		}
+		if err := ctx.Err(); err != nil {
+			return total, err
+		}
+	}
+}
+
+// ProducerStatus is the backlog of one producer.
+type ProducerStatus struct {
+	Producer string `json:"producer"`
+	// Backlog counts rows not yet published.
+	Backlog int64 `json:"backlog"`
+	// OldestUnpublished is when the oldest unpublished row was appended
+	// (zero when the backlog is empty).
+	OldestUnpublished time.Time `json:"oldest_unpublished,omitzero"`
+	// Published counts rows still kept after publishing.
+	Published int64 `json:"published"`
+	// LastPublished is the latest published_at (zero when none).
+	LastPublished time.Time `json:"last_published,omitzero"`
+}
+
+// Status returns the backlog per producer. The unpublished part reads only
+// the partial index of unpublished rows.
+func Status(ctx context.Context, q Querier) ([]ProducerStatus, error) {
+	byProducer := map[string]*ProducerStatus{}
+	get := func(p string) *ProducerStatus {
+		s := byProducer[p]
+		if s == nil {
+			s = &ProducerStatus{Producer: p}
+			byProducer[p] = s
+		}
+		return s
+	}
+	rows, err := q.QueryContext(ctx, `SELECT producer, count(*), min(seq) FROM warren_outbox INDEXED BY warren_outbox_unpublished
+		WHERE published_at IS NULL GROUP BY producer`)
+	if err != nil {
+		return nil, fmt.Errorf("outbox status: %w", err)
+	}
+	type oldest struct {
+		producer string
+		seq      int64
+	}
+	var olds []oldest
+	for rows.Next() {
+		var p sql.NullString
+		var n, seq int64
+		if err := rows.Scan(&p, &n, &seq); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("outbox status: %w", err)
+		}
+		get(p.String).Backlog = n
+		olds = append(olds, oldest{p.String, seq})
+	}
+	rows.Close()
+	for _, o := range olds {
+		var created sql.NullString
+		if err := q.QueryRowContext(ctx, `SELECT created_at FROM warren_outbox WHERE seq = ?`, o.seq).Scan(&created); err == nil {
+			if t, err := wsql.ParseTime(created.String); err == nil {
+				get(o.producer).OldestUnpublished = t
+			}
+		}
+	}
+	rows, err = q.QueryContext(ctx, `SELECT producer, count(*), max(published_at) FROM warren_outbox INDEXED BY warren_outbox_published_at
+		WHERE published_at IS NOT NULL GROUP BY producer`)
+	if err != nil {
+		return nil, fmt.Errorf("outbox status: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var p, last sql.NullString
+		var n int64
+		if err := rows.Scan(&p, &n, &last); err != nil {
+			return nil, fmt.Errorf("outbox status: %w", err)
+		}
+		s := get(p.String)
+		s.Published = n
+		if t, err := wsql.ParseTime(last.String); err == nil {
+			s.LastPublished = t
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("outbox status: %w", err)
+	}
+	out := make([]ProducerStatus, 0, len(byProducer))
+	for _, s := range byProducer {
+		out = append(out, *s)
+	}
+	sortStatus(out)
+	return out, nil
+}
+
+func sortStatus(s []ProducerStatus) {
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j].Producer < s[j-1].Producer; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+}
+
+// ListFilter selects rows for List.
+type ListFilter struct {
+	Producer    string // "" = all
+	Unpublished bool   // only rows not yet published
+	BeforeSeq   int64  // rows with seq < BeforeSeq (0 = from the newest): the cursor
+	Limit       int    // default 20
+}
+
+// List returns the newest rows matching f, newest first.
+func List(ctx context.Context, q Querier, f ListFilter) ([]Row, error) {
+	if f.Limit <= 0 {
+		f.Limit = 20
+	}
+	where := []string{"1 = 1"}
+	var args []any
+	if f.Producer != "" {
+		where = append(where, "producer = ?")
+		args = append(args, f.Producer)
+	}
+	if f.Unpublished {
+		where = append(where, "published_at IS NULL")
+	}
+	if f.BeforeSeq > 0 {
+		where = append(where, "seq < ?")
+		args = append(args, f.BeforeSeq)
+	}
+	args = append(args, f.Limit)
+	rows, err := q.QueryContext(ctx, `SELECT `+rowColumns+` FROM warren_outbox WHERE `+strings.Join(where, " AND ")+` ORDER BY seq DESC LIMIT ?`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list outbox: %w", err)
+	}
+	defer rows.Close()
+	var out []Row
+	for rows.Next() {
+		r, err := scanRow(rows, 0)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list outbox: %w", err)
+	}
+	return out, nil
+}

@@ -1,0 +1,153 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/gofrs/flock"
+
+	"github.com/warrenmq/warren/outbox"
+	"github.com/warrenmq/warren/publisher"
+	wsql "github.com/warrenmq/warren/sql"
+)
+
+// Relay publishes a database's outbox to RabbitMQ. Create it with New and
+// call Run.
+type Relay struct {
+	cfg Config
+
+	mu      sync.Mutex
+	running bool
+	abort   context.CancelFunc
+	marked  int64
+}
+
+// New checks cfg and returns a Relay. It does not touch the database or the
+// broker; Run does.
+func New(cfg Config) (*Relay, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Relay{cfg: cfg}, nil
+}
+
+// ErrAlreadyRunning is returned by Run on a Relay that is running.
+var ErrAlreadyRunning = errors.New("relay is already running")
+
+// Run publishes until ctx is done, then drains: it stops reading, waits for
+// the outstanding confirms (at most DrainTimeout), marks them published and
+// returns nil. While another relay holds the database's lock, Run waits as
+// a standby and takes over when that relay's process ends.
+func (r *Relay) Run(ctx context.Context) error {
+	r.mu.Lock()
+	if r.running {
+		r.mu.Unlock()
+		return ErrAlreadyRunning
+	}
+	r.running = true
+	msgCtx, abort := context.WithCancel(context.WithoutCancel(ctx))
+	r.abort = abort
+	r.mu.Unlock()
+	defer func() {
+		abort()
+		r.mu.Lock()
+		r.running = false
+		r.mu.Unlock()
+	}()
+
+	log := r.cfg.Logger
+	if err := wsql.Check(ctx, r.cfg.DB); err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+
+	lock := flock.New(r.cfg.LockFile, flock.SetPermissions(0o600))
+	locked, err := lock.TryLock()
+	if err != nil {
+		return fmt.Errorf("relay: lock %s: %w", r.cfg.LockFile, err)
+	}
+	if !locked {
+		log.Info("standby: another relay publishes from this database; waiting to take over", "lock", r.cfg.LockFile)
+		locked, err = lock.TryLockContext(ctx, DefaultLockRetry)
+		if err != nil || !locked {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("relay: lock %s: %w", r.cfg.LockFile, err)
+		}
+		log.Info("took over: this relay now publishes from the database", "lock", r.cfg.LockFile)
+	}
+	defer func() { _ = lock.Unlock() }()
+
+	watcher, err := outbox.Watch(r.cfg.DBPath, r.cfg.PollFallback, log)
+	if err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	defer func() { _ = watcher.Close() }()
+
+	marks := make(chan int64, r.cfg.Window*2)
+	mk := &marker{db: r.cfg.DB, in: marks, log: log, done: make(chan struct{}), ctx: msgCtx, onMark: func(n int) {
+		r.mu.Lock()
+		r.marked += int64(n)
+		r.mu.Unlock()
+	}}
+	go mk.run()
+
+	sub := &subscriber{cfg: r.cfg, db: r.cfg.DB, wake: watcher.C, marks: marks, msgCtx: msgCtx, log: log, stopped: make(chan struct{})}
+
+	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: r.cfg.DrainTimeout}, watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug}))
+	if err != nil {
+		close(marks)
+		<-mk.done
+		return fmt.Errorf("relay: router: %w", err)
+	}
+	pub := r.cfg.Publisher
+	router.AddConsumerHandler("warren-relay", "warren_outbox", sub, func(msg *message.Message) error {
+		return pub.Publish(msg.Metadata.Get(publisher.MetaExchange), msg)
+	})
+
+	log.Info("relay started", "db", r.cfg.DBPath, "window", r.cfg.Window)
+	runErr := router.Run(ctx)
+
+	// Give outstanding publishes DrainTimeout to confirm; then abort them.
+	select {
+	case <-sub.stopped:
+	case <-time.After(r.cfg.DrainTimeout):
+		log.Warn("relay stop: outstanding confirms did not arrive in time; aborting them (they will be published again)", "timeout", r.cfg.DrainTimeout)
+		abort()
+		<-sub.stopped
+	}
+	close(marks)
+	<-mk.done
+	r.mu.Lock()
+	marked := r.marked
+	r.mu.Unlock()
+	log.Info("relay stopped", "marked_published", marked)
+	if runErr != nil {
+		return fmt.Errorf("relay: router: %w", runErr)
+	}
+	return nil
+}
+
+// Abort makes a running Run give up on outstanding confirms at once: their
+// rows stay unpublished and are published again by the next relay.
+func (r *Relay) Abort() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.abort != nil {
+		r.abort()
+	}
+}
+
+// Marked returns how many rows this relay marked published so far.
+func (r *Relay) Marked() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.marked
+}

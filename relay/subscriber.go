@@ -1,0 +1,315 @@
+package relay
+
+import (
+	"context"
+	"database/sql"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+
+	"github.com/warrenmq/warren/outbox"
+)
+
+// subscriber is a Watermill message.Subscriber over warren_outbox. It emits
+// rows in seq order with at most one row per aggregate in flight, up to
+// Window rows in all; an acked row is handed to the marker, a nacked one is
+// read again and re-emitted after a backoff, ahead of the later rows of its
+// aggregate, which wait.
+type subscriber struct {
+	cfg     Config
+	db      *sql.DB
+	wake    <-chan struct{}
+	marks   chan<- int64
+	msgCtx  context.Context
+	log     *slog.Logger
+	stopped chan struct{}
+}
+
+var _ message.Subscriber = (*subscriber)(nil)
+
+// pending is a row the subscriber holds: read, waiting, in flight or
+// waiting for a retry.
+type pending struct {
+	row      outbox.Row
+	key      string
+	attempts int
+	lastErr  string
+}
+
+type result struct {
+	p     *pending
+	acked bool
+}
+
+// Subscribe starts emitting. The channel closes after ctx is done and every
+// emitted message was acked or nacked.
+func (s *subscriber) Subscribe(ctx context.Context, _ string) (<-chan *message.Message, error) {
+	out := make(chan *message.Message)
+	go s.run(ctx, out)
+	return out, nil
+}
+
+// Close does nothing: the relay stops the subscriber through the context.
+func (s *subscriber) Close() error { return nil }
+
+func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
+	defer close(s.stopped)
+	defer close(out)
+
+	readerCtx, stopReader := context.WithCancel(ctx)
+	defer stopReader()
+	batches := make(chan []outbox.Row, 1)
+	var readerDone sync.WaitGroup
+	readerDone.Add(1)
+	go func() { defer readerDone.Done(); s.reader(readerCtx, batches) }()
+	defer readerDone.Wait()
+
+	var (
+		ready    []*pending // may be emitted now, in seq order
+		waiting  = map[string][]*pending{}
+		busy     = map[string]bool{}
+		inflight int
+		held     int // rows held in memory: ready, waiting, in flight, retrying
+		heldSize int
+		draining bool
+		results  = make(chan result, s.cfg.Window)
+		retries  = make(chan *pending)
+		quit     = make(chan struct{})
+		next     *message.Message
+		nextP    *pending
+	)
+	defer close(quit)
+
+	release := func(p *pending) {
+		held--
+		heldSize -= p.row.Size()
+		if w := waiting[p.key]; len(w) > 0 {
+			ready = append(ready, w[0])
+			if len(w) == 1 {
+				delete(waiting, p.key)
+			} else {
+				waiting[p.key] = w[1:]
+			}
+			return
+		}
+		delete(busy, p.key)
+	}
+	retryLater := func(p *pending) {
+		p.attempts++
+		d := s.cfg.RetryMin << min(p.attempts-1, 16)
+		if d > s.cfg.RetryMax || d <= 0 {
+			d = s.cfg.RetryMax
+		}
+		time.AfterFunc(d, func() {
+			select {
+			case retries <- p:
+			case <-quit:
+			}
+		})
+	}
+	accept := func(p *pending) {
+		if p.row.Err != nil {
+			p.lastErr = p.row.Err.Error()
+			s.log.Error("outbox row cannot be published; fix or delete it, later events of its aggregate wait",
+				"seq", p.row.Seq, "event_id", p.row.EventID, "err", p.row.Err, "retry_in", s.cfg.RetryMin<<min(p.attempts, 16))
+			retryLater(p)
+			return
+		}
+		ready = append(ready, p)
+	}
+
+	for {
+		if draining && inflight == 0 {
+			return
+		}
+		var sendCh chan<- *message.Message
+		if !draining && inflight < s.cfg.Window && (next != nil || len(ready) > 0) {
+			if next == nil {
+				nextP = ready[0]
+				ready[0] = nil
+				ready = ready[1:]
+				next = toMessage(&nextP.row)
+				next.SetContext(s.msgCtx)
+			}
+			sendCh = out
+		}
+		var batchCh <-chan []outbox.Row
+		if !draining && held < s.cfg.MaxBufferedRows && heldSize < s.cfg.MaxBufferBytes {
+			batchCh = batches
+		}
+		var done <-chan struct{}
+		if !draining {
+			done = ctx.Done()
+		}
+
+		select {
+		case sendCh <- next:
+			inflight++
+			msg, p := next, nextP
+			next, nextP = nil, nil
+			go func() {
+				select {
+				case <-msg.Acked():
+					results <- result{p: p, acked: true}
+				case <-msg.Nacked():
+					results <- result{p: p}
+				}
+			}()
+
+		case batch := <-batchCh:
+			for i := range batch {
+				p := &pending{row: batch[i], key: batch[i].AggregateKey()}
+				held++
+				heldSize += p.row.Size()
+				if busy[p.key] {
+					waiting[p.key] = append(waiting[p.key], p)
+					continue
+				}
+				busy[p.key] = true
+				accept(p)
+			}
+
+		case r := <-results:
+			inflight--
+			if r.acked {
+				s.marks <- r.p.row.Seq
+				release(r.p)
+				continue
+			}
+			if draining {
+				release(r.p) // stays unpublished; the next run publishes it
+				continue
+			}
+			s.log.Warn("publish failed; will retry", "seq", r.p.row.Seq, "event_id", r.p.row.EventID, "attempt", r.p.attempts+1)
+			retryLater(r.p)
+
+		case p := <-retries:
+			if draining {
+				release(p)
+				continue
+			}
+			// Read the row again: an operator may have fixed or deleted it.
+			row, ok, err := outbox.Get(ctx, s.db, p.row.Seq, s.cfg.MaxPayloadBytes)
+			switch {
+			case err != nil:
+				s.log.Warn("re-read outbox row failed; will retry", "seq", p.row.Seq, "err", err)
+				retryLater(p)
+			case !ok || row.PublishedAt != nil:
+				release(p)
+			default:
+				heldSize += row.Size() - p.row.Size()
+				p.row = row
+				accept(p)
+			}
+
+		case <-done:
+			draining = true
+			stopReader()
+			if next != nil { // built but never sent
+				release(nextP)
+				next, nextP = nil, nil
+			}
+			s.log.Info("relay stopping: waiting for outstanding confirms", "in_flight", inflight)
+		}
+	}
+}
+
+// reader reads unpublished rows after a cursor and hands them over in
+// batches, waking on every change notification.
+func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
+	var cursor int64
+	errDelay := s.cfg.RetryMin
+	for {
+		rows, err := outbox.ReadUnpublished(ctx, s.db, cursor, s.cfg.BatchSize, s.cfg.MaxPayloadBytes)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			s.log.Warn("read outbox failed; will retry", "err", err, "retry_in", errDelay)
+			select {
+			case <-time.After(errDelay):
+			case <-ctx.Done():
+				return
+			}
+			errDelay = min(errDelay*2, s.cfg.RetryMax)
+			continue
+		}
+		errDelay = s.cfg.RetryMin
+		if len(rows) > 0 {
+			cursor = rows[len(rows)-1].Seq
+			select {
+			case batches <- rows:
+			case <-ctx.Done():
+				return
+			}
+			if len(rows) == s.cfg.BatchSize {
+				continue
+			}
+		}
+		select {
+		case <-s.wake:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// marker marks confirmed rows published in short batched transactions:
+// whatever confirmed while one write ran goes into the next.
+type marker struct {
+	db   *sql.DB
+	in   chan int64
+	log  *slog.Logger
+	done chan struct{}
+	// ctx aborts retries of a failing write (hard stop only).
+	ctx    context.Context
+	onMark func(n int)
+}
+
+func (m *marker) run() {
+	defer close(m.done)
+	const maxBatch = 2000
+	batch := make([]int64, 0, maxBatch)
+	for seq := range m.in {
+		batch = append(batch[:0], seq)
+	fill:
+		for len(batch) < maxBatch {
+			select {
+			case s, ok := <-m.in:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, s)
+			default:
+				break fill
+			}
+		}
+		m.flush(batch)
+	}
+}
+
+func (m *marker) flush(seqs []int64) {
+	delay := 50 * time.Millisecond
+	for {
+		err := outbox.MarkPublished(m.ctx, m.db, seqs, time.Now())
+		if err == nil {
+			if m.onMark != nil {
+				m.onMark(len(seqs))
+			}
+			return
+		}
+		if m.ctx.Err() != nil {
+			m.log.Warn("relay aborted before marking confirmed rows; they will be published again", "rows", len(seqs))
+			return
+		}
+		m.log.Warn("marking rows published failed; will retry", "rows", len(seqs), "first_seq", strconv.FormatInt(seqs[0], 10), "err", err)
+		select {
+		case <-time.After(delay):
+		case <-m.ctx.Done():
+		}
+		delay = min(delay*2, 5*time.Second)
+	}
+}
