@@ -1,0 +1,486 @@
+package publisher_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/warrenmq/warren/publisher"
+)
+
+func TestPublishConcurrentPipelined(t *testing.T) {
+	t.Parallel()
+	const goroutines, perGoroutine = 16, 1250
+	const total = goroutines * perGoroutine
+
+	a := newAdmin(t)
+	producer := unique("pub")
+	exchange := publisher.ExchangeName(producer)
+	a.deleteExchangeAtEnd(exchange)
+	require.NoError(t, publisher.DeclareExchange(t.Context(), a.conn, producer))
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "#")
+
+	var hookN atomic.Int64
+	p := newPublisher(t, publisher.Config{
+		OnConfirmed: func(ex string, n int, latency time.Duration) {
+			if ex == exchange && latency > 0 {
+				hookN.Add(int64(n))
+			}
+		},
+	})
+	require.NoError(t, p.Connect(t.Context()))
+
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, goroutines)
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range perGoroutine {
+				if err := p.Publish(exchange, event(producer, fmt.Sprintf("company.g%d", g))); err != nil {
+					errs <- fmt.Errorf("goroutine %d message %d: %w", g, i, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	t.Logf("%d messages from %d goroutines in %s: %.0f msgs/s", total, goroutines, elapsed.Round(time.Millisecond), total/elapsed.Seconds())
+
+	st := p.Stats()
+	t.Logf("stats: %+v", st)
+	require.EqualValues(t, total, st.Published)
+	require.EqualValues(t, total, st.Confirmed)
+	require.Zero(t, st.Returned)
+	require.Zero(t, st.Nacked)
+	require.Zero(t, st.Failed)
+	require.Greater(t, st.MaxOutstanding, 1, "the confirm window was not used: one confirm at a time")
+	require.EqualValues(t, total, hookN.Load())
+	require.Equal(t, total, a.count(queue))
+
+	// A sample carries every property of the contract.
+	ch := a.channel()
+	d, ok, err := ch.Get(queue, true)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NotEmpty(t, d.MessageId)
+	require.True(t, strings.HasPrefix(d.Type, "company.g"))
+	require.Equal(t, d.Type, d.RoutingKey)
+	require.Equal(t, exchange, d.Exchange)
+	require.Equal(t, producer, d.AppId)
+	require.Equal(t, "application/json", d.ContentType)
+	require.WithinDuration(t, time.Now(), d.Timestamp, time.Minute)
+	require.EqualValues(t, amqp.Persistent, d.DeliveryMode)
+	require.Equal(t, "corr-"+d.MessageId, d.CorrelationId)
+	require.Equal(t, "3600000", d.Expiration)
+	require.Equal(t, "company", d.Headers[publisher.HeaderAggregateType])
+	require.Equal(t, "42", d.Headers[publisher.HeaderAggregateID])
+	require.Equal(t, int64(7), d.Headers[publisher.HeaderAggregateVersion], "aggregate-version must be an AMQP integer")
+	require.Equal(t, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", d.Headers[publisher.HeaderTraceparent])
+	require.Equal(t, "acme", d.Headers["tenant"])
+	require.Equal(t, `{"company":"acme","n":1}`, string(d.Body))
+	for k := range d.Headers {
+		require.False(t, strings.HasPrefix(k, publisher.MetaPrefix), "header %s leaked", k)
+	}
+}
+
+func TestPublishOneCallManyMessages(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	producer := unique("batch")
+	exchange := publisher.ExchangeName(producer)
+	a.deleteExchangeAtEnd(exchange)
+	p := newPublisher(t, publisher.Config{Window: 64})
+	// The publisher declares the exchange itself before the first publish.
+	require.NoError(t, p.Publish(exchange, event(producer, "company.created")))
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "company.*")
+
+	msgs := make([]*message.Message, 500)
+	for i := range msgs {
+		msgs[i] = event(producer, "company.updated")
+	}
+	require.NoError(t, p.Publish(exchange, msgs...))
+	require.Equal(t, 500, a.count(queue))
+	// In call order on the wire, so in order in the queue.
+	got := a.drain(queue)
+	for i, d := range got {
+		require.Equal(t, msgs[i].UUID, d.MessageId, "position %d", i)
+	}
+	require.Greater(t, p.Stats().MaxOutstanding, 1)
+}
+
+func TestPublishDefaultExchange(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	queue := unique("direct")
+	a.queue(queue, nil, "")
+	p := newPublisher(t, publisher.Config{Unroutable: publisher.UnroutableKeep})
+	m := event("x", "ignored")
+	m.Metadata.Set(publisher.MetaRoutingKey, queue)
+	require.NoError(t, p.Publish("", m))
+	require.Equal(t, 1, a.count(queue))
+
+	// No queue of that name: returned.
+	m = event("x", "ignored")
+	m.Metadata.Set(publisher.MetaRoutingKey, unique("nobody"))
+	require.ErrorIs(t, p.Publish("", m), publisher.ErrUnroutable)
+}
+
+func TestUnroutable(t *testing.T) {
+	t.Parallel()
+
+	t.Run("count", func(t *testing.T) {
+		t.Parallel()
+		a := newAdmin(t)
+		exchange := unique("unbound") + ".events"
+		a.exchange(exchange)
+		var mu sync.Mutex
+		var hooked []string
+		p := newPublisher(t, publisher.Config{
+			OnUnroutable: func(ex, key, id string) {
+				mu.Lock()
+				defer mu.Unlock()
+				assert.Equal(t, exchange, ex)
+				assert.Equal(t, "company.created", key)
+				hooked = append(hooked, id)
+			},
+		})
+		var ids []string
+		for range 5 {
+			m := event("p", "company.created")
+			ids = append(ids, m.UUID)
+			require.NoError(t, p.Publish(exchange, m))
+		}
+		mu.Lock()
+		require.Equal(t, ids, hooked)
+		mu.Unlock()
+		st := p.Stats()
+		require.EqualValues(t, 5, st.Returned)
+		require.Zero(t, st.Confirmed)
+	})
+
+	t.Run("keep", func(t *testing.T) {
+		t.Parallel()
+		a := newAdmin(t)
+		exchange := unique("unbound") + ".events"
+		a.exchange(exchange)
+		p := newPublisher(t, publisher.Config{Unroutable: publisher.UnroutableKeep})
+		m := event("p", "company.deleted")
+		err := p.Publish(exchange, m)
+		require.ErrorIs(t, err, publisher.ErrUnroutable)
+		var ue *publisher.UnroutableError
+		require.ErrorAs(t, err, &ue)
+		require.Equal(t, m.UUID, ue.MessageID)
+		require.Equal(t, "company.deleted", ue.RoutingKey)
+		require.Contains(t, err.Error(), m.UUID)
+		require.EqualValues(t, 1, p.Stats().Returned)
+	})
+
+	t.Run("mixed burst", func(t *testing.T) {
+		t.Parallel()
+		for _, policy := range []publisher.UnroutablePolicy{publisher.UnroutableCount, publisher.UnroutableKeep} {
+			t.Run(policy.String(), func(t *testing.T) {
+				t.Parallel()
+				testMixedBurst(t, policy)
+			})
+		}
+	})
+}
+
+// testMixedBurst publishes routable and unroutable messages concurrently
+// and checks that the returns are attributed to exactly the unroutable ids.
+func testMixedBurst(t *testing.T, policy publisher.UnroutablePolicy) {
+	const goroutines, per = 8, 250
+	a := newAdmin(t)
+	exchange := unique("mixed") + ".events"
+	a.exchange(exchange)
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "routed.#")
+
+	var mu sync.Mutex
+	hooked := map[string]bool{}
+	p := newPublisher(t, publisher.Config{
+		Unroutable: policy,
+		OnUnroutable: func(_, key, id string) {
+			mu.Lock()
+			defer mu.Unlock()
+			assert.False(t, hooked[id], "returned twice: %s", id)
+			hooked[id] = true
+		},
+	})
+	require.NoError(t, p.Connect(t.Context()))
+
+	var wantLost, wantRouted, errored sync.Map
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			// Each call publishes a batch of 5 with a pattern that differs per
+			// goroutine, so returns and acks interleave on the channel.
+			for i := 0; i < per; i += 5 {
+				var msgs []*message.Message
+				for j := range 5 {
+					key := "routed.x"
+					if (g+i+j)%3 == 0 {
+						key = "lost.x"
+					}
+					m := event("p", key)
+					if key == "lost.x" {
+						wantLost.Store(m.UUID, true)
+					} else {
+						wantRouted.Store(m.UUID, true)
+					}
+					msgs = append(msgs, m)
+				}
+				err := p.Publish(exchange, msgs...)
+				if policy == publisher.UnroutableCount {
+					assert.NoError(t, err)
+					continue
+				}
+				for _, m := range msgs {
+					if err != nil && strings.Contains(err.Error(), m.UUID) {
+						errored.Store(m.UUID, true)
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+
+	lost := keys(&wantLost)
+	routed := keys(&wantRouted)
+	mu.Lock()
+	require.Equal(t, lost, sortedKeys(hooked), "the hook saw exactly the unroutable ids")
+	mu.Unlock()
+	if policy == publisher.UnroutableKeep {
+		require.Equal(t, lost, keys(&errored), "the errors name exactly the unroutable ids")
+	}
+	st := p.Stats()
+	require.EqualValues(t, len(lost), st.Returned)
+	require.EqualValues(t, len(routed), st.Confirmed)
+	var inQueue []string
+	for _, d := range a.drain(queue) {
+		inQueue = append(inQueue, d.MessageId)
+	}
+	sort.Strings(inQueue)
+	require.Equal(t, routed, inQueue)
+	t.Logf("%d routed, %d unroutable, max outstanding %d", len(routed), len(lost), st.MaxOutstanding)
+}
+
+func keys(m *sync.Map) []string {
+	var out []string
+	m.Range(func(k, _ any) bool { out = append(out, k.(string)); return true })
+	sort.Strings(out)
+	return out
+}
+
+func sortedKeys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func TestNoDeclareMissingExchange(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	p := newPublisher(t, publisher.Config{NoDeclare: true})
+
+	missing := publisher.ExchangeName(unique("missing"))
+	err := p.Publish(missing, event("p", "company.created"))
+	require.ErrorIs(t, err, publisher.ErrExchangeMissing)
+	require.Contains(t, err.Error(), missing)
+	require.Contains(t, err.Error(), "warren topology declare")
+	t.Logf("error: %v", err)
+
+	// Still usable, for an exchange that exists.
+	present := publisher.ExchangeName(unique("present"))
+	a.exchange(present)
+	queue := unique("q")
+	a.queue(queue, nil, present, "#")
+	require.NoError(t, p.Publish(present, event("p", "company.created")))
+	require.Equal(t, 1, a.count(queue))
+
+	// Concurrent publishes to both keep their own outcomes.
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for range 25 {
+				assert.NoError(t, p.Publish(present, event("p", "company.updated")))
+			}
+		})
+		wg.Go(func() {
+			for range 5 {
+				assert.ErrorIs(t, p.Publish(missing, event("p", "company.updated")), publisher.ErrExchangeMissing)
+			}
+		})
+	}
+	wg.Wait()
+	require.Equal(t, 101, a.count(queue))
+	require.EqualValues(t, 1, p.Stats().Connects, "a missing exchange must not break the connection")
+
+	// The exchange nobody declared was not created.
+	ch := a.channel()
+	err = ch.ExchangeDeclarePassive(missing, "topic", true, false, false, false, nil)
+	require.Error(t, err)
+}
+
+func TestNacked(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("nack") + ".events"
+	a.exchange(exchange)
+	queue := unique("full")
+	// A full queue that rejects publishes makes the broker nack.
+	a.queue(queue, amqp.Table{"x-max-length": int32(1), "x-overflow": "reject-publish"}, exchange, "#")
+	p := newPublisher(t, publisher.Config{})
+	require.NoError(t, p.Publish(exchange, event("p", "a.b")))
+	err := p.Publish(exchange, event("p", "a.b"))
+	require.ErrorIs(t, err, publisher.ErrNacked)
+	st := p.Stats()
+	require.EqualValues(t, 1, st.Nacked)
+	require.EqualValues(t, 1, st.Confirmed)
+	// The channel survives a nack.
+	require.EqualValues(t, 1, st.Connects)
+}
+
+func TestPublishContextCancelledWhileWaitingForConnection(t *testing.T) {
+	t.Parallel()
+	// Nothing listens there: the publisher keeps retrying.
+	p := newPublisher(t, publisher.Config{
+		Connection:     publisher.ConnectionConfig{URL: "amqp://guest:guest@127.0.0.1:" + freePort(t) + "/"},
+		ConfirmTimeout: 10 * time.Second,
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	m := event("p", "a.b")
+	m.SetContext(ctx)
+	start := time.Now()
+	err := p.Publish("x.events", m)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.Less(t, time.Since(start), 3*time.Second)
+
+	// Without a context deadline, ConfirmTimeout bounds the wait, and the
+	// error says why there is no connection.
+	p2 := newPublisher(t, publisher.Config{
+		Connection:     publisher.ConnectionConfig{URL: "amqp://guest:guest@127.0.0.1:" + freePort(t) + "/"},
+		ConfirmTimeout: 500 * time.Millisecond,
+	})
+	err = p2.Publish("x.events", event("p", "a.b"))
+	require.ErrorIs(t, err, publisher.ErrConnectionLost)
+	require.ErrorIs(t, err, publisher.ErrUnreachable)
+	t.Logf("error: %v", err)
+}
+
+func TestCloseTwiceAndPublishAfterClose(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("close") + ".events"
+	a.exchange(exchange)
+	p, err := publisher.New(publisher.Config{Connection: publisher.ConnectionConfig{URL: brokerURL()}, Logger: testLogger(t)})
+	require.NoError(t, err)
+	require.NoError(t, p.Connect(t.Context()))
+	require.NoError(t, p.Publish(exchange, event("p", "a.b")))
+	require.NoError(t, p.Close())
+	require.NoError(t, p.Close())
+	require.ErrorIs(t, p.Publish(exchange, event("p", "a.b")), publisher.ErrClosed)
+	require.False(t, p.Connected())
+
+	// Close without ever connecting.
+	p2, err := publisher.New(publisher.Config{})
+	require.NoError(t, err)
+	require.NoError(t, p2.Close())
+}
+
+func TestCloseWaitsForOutstandingConfirms(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("drain") + ".events"
+	a.exchange(exchange)
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "#")
+	p, err := publisher.New(publisher.Config{Connection: publisher.ConnectionConfig{URL: brokerURL()}, Logger: testLogger(t)})
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	var ok atomic.Int64
+	for range 8 {
+		wg.Go(func() {
+			for range 200 {
+				if p.Publish(exchange, event("p", "a.b")) != nil {
+					return
+				}
+				ok.Add(1)
+			}
+		})
+	}
+	time.Sleep(50 * time.Millisecond)
+	require.NoError(t, p.Close())
+	wg.Wait()
+	// Every publish that returned nil is in the queue; none was cut off
+	// between write and confirm.
+	require.EqualValues(t, ok.Load(), a.count(queue))
+	st := p.Stats()
+	require.Zero(t, st.Failed)
+	t.Logf("published %d before close", ok.Load())
+}
+
+func TestConfigValidation(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		cfg  publisher.Config
+		want string
+	}{
+		{"bad scheme", publisher.Config{Connection: publisher.ConnectionConfig{URL: "http://guest:secret@localhost/"}}, "connection_string"},
+		{"negative heartbeat", publisher.Config{Connection: publisher.ConnectionConfig{Heartbeat: -time.Second}}, "consumer_heartbeat"},
+		{"negative keepalive", publisher.Config{Connection: publisher.ConnectionConfig{TCPKeepAlive: -time.Second}}, "tcp_keepalive_timeout"},
+		{"unreadable CA", publisher.Config{Connection: publisher.ConnectionConfig{URL: "amqps://localhost/", CAFile: "/nonexistent/ca.pem"}}, "ca_file"},
+		{"cert without key", publisher.Config{Connection: publisher.ConnectionConfig{URL: "amqps://localhost/", CertFile: "/nonexistent/c.pem"}}, "key_file"},
+		{"TLS files on amqp", publisher.Config{Connection: publisher.ConnectionConfig{CAFile: "/x.pem"}}, "amqps://"},
+		{"window", publisher.Config{Window: -1}, "window"},
+		{"confirm timeout", publisher.Config{ConfirmTimeout: -time.Second}, "confirm timeout"},
+		{"unroutable policy", publisher.Config{Unroutable: 7}, "unroutable policy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := publisher.New(tc.cfg)
+			require.Error(t, err)
+			require.Contains(t, err.Error(), tc.want)
+			require.NotContains(t, err.Error(), "secret")
+		})
+	}
+	c := publisher.Config{}.WithDefaults()
+	require.Equal(t, publisher.DefaultWindow, c.Window)
+	require.Equal(t, publisher.DefaultConfirmTimeout, c.ConfirmTimeout)
+	require.Equal(t, publisher.DefaultURL, c.Connection.URL)
+	require.Equal(t, publisher.DefaultHeartbeat, c.Connection.Heartbeat)
+	require.NoError(t, c.Validate())
+}
+
+func TestMarshalErrorFailsBeforePublishing(t *testing.T) {
+	t.Parallel()
+	p := newPublisher(t, publisher.Config{})
+	m := event("p", "a.b")
+	m.UUID = ""
+	err := p.Publish("x.events", m)
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "message_id")
+	require.False(t, errors.Is(err, publisher.ErrConnectionLost))
+}
