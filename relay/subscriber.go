@@ -217,11 +217,21 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 	}
 }
 
+// recheck is when the reader looks again after a change notification that
+// showed nothing new: inotify reports the write of the WAL file, which can
+// come a moment before the commit is visible to readers (SQLite updates the
+// shared-memory index after the write, and under synchronous=FULL after an
+// fsync). The checks stop once the file is quiet; nothing polls.
+var recheck = []time.Duration{2 * time.Millisecond, 10 * time.Millisecond, 50 * time.Millisecond, 250 * time.Millisecond}
+
 // reader reads unpublished rows after a cursor and hands them over in
 // batches, waking on every change notification.
 func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
 	var cursor int64
 	errDelay := s.cfg.RetryMin
+	step := 0
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for {
 		rows, err := outbox.ReadUnpublished(ctx, s.db, cursor, s.cfg.BatchSize, s.cfg.MaxPayloadBytes)
 		if err != nil {
@@ -248,11 +258,26 @@ func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
 			if len(rows) == s.cfg.BatchSize {
 				continue
 			}
+			step = 0
+		}
+		var recheckC <-chan time.Time
+		if step < len(recheck) {
+			timer.Reset(recheck[step])
+			recheckC = timer.C
+			step++
 		}
 		select {
 		case <-s.wake:
+			step = 0
+		case <-recheckC:
 		case <-ctx.Done():
 			return
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
 		}
 	}
 }
