@@ -46,8 +46,8 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 confirms, and consumes them into an idempotent inbox table.
 
 Settings come from flags, then WARREN_* environment variables, then the YAML
-file given by --config, then defaults (database warren.db, broker
-amqp://guest:guest@localhost:5672/).`,
+file given by --config, then defaults (database warren.db, the broker at
+localhost:5672 as user guest).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

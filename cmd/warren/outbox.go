@@ -102,7 +102,7 @@ type outboxRowJSON struct {
 	AggregateVersion *int64            `json:"aggregate_version,omitempty"`
 	ContentType      string            `json:"content_type"`
 	Headers          map[string]string `json:"headers"`
-	Payload          string            `json:"payload"`
+	Payload          any               `json:"payload"`
 	CreatedAt        time.Time         `json:"created_at"`
 	PublishedAt      *time.Time        `json:"published_at"`
 	Error            string            `json:"error,omitempty"`
@@ -143,7 +143,7 @@ func newOutboxListCmd() *cobra.Command {
 				for _, r := range rows {
 					j := outboxRowJSON{Seq: r.Seq, EventID: r.EventID, Producer: r.Producer, EventType: r.EventType,
 						AggregateType: r.AggregateType, AggregateID: r.AggregateID, AggregateVersion: r.AggregateVersion,
-						ContentType: r.ContentType, Headers: r.Headers, Payload: string(r.Payload), CreatedAt: r.CreatedAt, PublishedAt: r.PublishedAt}
+						ContentType: r.ContentType, Headers: r.Headers, Payload: payloadJSON(r.Payload), CreatedAt: r.CreatedAt, PublishedAt: r.PublishedAt}
 					if r.Err != nil {
 						j.Error = r.Err.Error()
 					}
@@ -254,4 +254,12 @@ argument or it is "-".
 	cmd.Flags().StringToString("header", nil, "header NAME=VALUE (repeatable)")
 	addFlags(cmd, "app")
 	return cmd
+}
+
+// payloadJSON shows a JSON payload as JSON and anything else as a string.
+func payloadJSON(p []byte) any {
+	if json.Valid(p) {
+		return json.RawMessage(p)
+	}
+	return string(p)
 }
