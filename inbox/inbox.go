@@ -220,6 +220,7 @@ func MarkProcessed(ctx context.Context, e Execer, d *Delivery, attempt int) (boo
 		ON CONFLICT (consumer, message_id) DO UPDATE SET
 			status = 'processed',
 			attempts = max(warren_inbox.attempts + 1, excluded.attempts),
+			unfinished = 0,
 			processed_at = excluded.processed_at
 		WHERE warren_inbox.status != 'processed'`, args...)
 	if err != nil {
@@ -278,10 +279,61 @@ func recordFailure(ctx context.Context, e Execer, d *Delivery, status Status, la
 		ON CONFLICT (consumer, message_id) DO UPDATE SET
 			status = excluded.status,
 			attempts = `+attemptsExpr+`,
+			unfinished = 0,
 			last_error = excluded.last_error
 		WHERE warren_inbox.status != 'processed'`, args...)
 	if err != nil {
 		return fmt.Errorf("inbox: record %s of %s/%s: %w", status, d.Consumer, d.MessageID, err)
+	}
+	return nil
+}
+
+// State is what Lookup reads of a row.
+type State struct {
+	Status   Status
+	Attempts int
+	// Unfinished counts the runs RecordStarted recorded since the last
+	// outcome: runs that never finished.
+	Unfinished int
+}
+
+// Lookup reads the state of (consumer, messageID); found is false when
+// there is no row.
+func Lookup(ctx context.Context, q Querier, consumer, messageID string) (st State, found bool, err error) {
+	var status string
+	err = q.QueryRowContext(ctx,
+		`SELECT status, attempts, unfinished FROM warren_inbox WHERE consumer = ? AND message_id = ?`,
+		consumer, messageID).Scan(&status, &st.Attempts, &st.Unfinished)
+	if errors.Is(err, dbsql.ErrNoRows) {
+		return State{}, false, nil
+	}
+	if err != nil {
+		return State{}, false, fmt.Errorf("inbox: read %s/%s: %w", consumer, messageID, err)
+	}
+	st.Status = Status(status)
+	return st, true, nil
+}
+
+// RecordStarted records, before the handler runs, that run attempt of a
+// redelivered d starts: status retrying and one more unfinished run, until
+// MarkProcessed, RecordFailure or RecordPoisoned records its outcome. Call
+// it with a *sql.DB (it must commit before the handler runs): if the
+// process dies during the run, the next delivery of the message still
+// counts it. A processed row is left alone.
+func RecordStarted(ctx context.Context, e Execer, d *Delivery, attempt int) error {
+	args, err := rowArgs(d, StatusRetrying, attempt, "", bodyOf(d), nil)
+	if err != nil {
+		return err
+	}
+	_, err = e.ExecContext(ctx, `INSERT INTO warren_inbox (`+insertColumns+`, unfinished)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+		ON CONFLICT (consumer, message_id) DO UPDATE SET
+			status = 'retrying',
+			attempts = max(warren_inbox.attempts, excluded.attempts),
+			unfinished = warren_inbox.unfinished + 1
+		WHERE warren_inbox.status != 'processed'`, args...)
+	if err != nil {
+		return fmt.Errorf("inbox: record start of %s/%s: %w", d.Consumer, d.MessageID, err)
 	}
 	return nil
 }

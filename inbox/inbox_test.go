@@ -256,3 +256,40 @@ func TestToJSON(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, string(got), `"headers":{}`)
 }
+
+func TestRecordStarted(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	b := setup(t)
+	d := delivery("billing", "m-1")
+
+	_, found, err := inbox.Lookup(ctx, b.db, "billing", "m-1")
+	require.NoError(t, err)
+	require.False(t, found)
+
+	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 2))
+	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 3))
+	st, found, err := inbox.Lookup(ctx, b.db, "billing", "m-1")
+	require.NoError(t, err)
+	require.True(t, found)
+	require.Equal(t, inbox.State{Status: inbox.StatusRetrying, Attempts: 3, Unfinished: 2}, st)
+
+	// An outcome clears the unfinished runs.
+	require.NoError(t, inbox.RecordFailure(ctx, b.db, d, 4, errors.New("boom"), inbox.StatusPoisoned))
+	st, _, err = inbox.Lookup(ctx, b.db, "billing", "m-1")
+	require.NoError(t, err)
+	require.Equal(t, inbox.State{Status: inbox.StatusPoisoned, Attempts: 4}, st)
+
+	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 1))
+	_, err = inbox.MarkProcessed(ctx, b.db, d, 1)
+	require.NoError(t, err)
+	st, _, err = inbox.Lookup(ctx, b.db, "billing", "m-1")
+	require.NoError(t, err)
+	require.Equal(t, inbox.State{Status: inbox.StatusProcessed, Attempts: 5}, st)
+
+	// Never on a processed row.
+	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 9))
+	st, _, err = inbox.Lookup(ctx, b.db, "billing", "m-1")
+	require.NoError(t, err)
+	require.Equal(t, inbox.State{Status: inbox.StatusProcessed, Attempts: 5}, st)
+}

@@ -315,7 +315,8 @@ func dialError(c ConnectionConfig, err error) error {
 		de.msg = fmt.Sprintf("login refused for user %q at %s: check the user name and password", uri.Username, hostPort)
 	case errors.Is(err, amqp.ErrVhost) || errors.As(err, &amqpErr) && amqpErr.Code == amqp.NotAllowed && strings.Contains(strings.ToLower(amqpErr.Reason), "vhost"):
 		de.Kind = ErrVhost
-		de.msg = fmt.Sprintf("virtual host %q at %s does not exist or user %q may not use it: create it (rabbitmqctl add_vhost) or grant access (rabbitmqctl set_permissions -p %s)", uri.Vhost, hostPort, uri.Username, uri.Vhost)
+		de.msg = fmt.Sprintf(`virtual host %q at %s does not exist or user %q may not use it: create it (rabbitmqctl add_vhost %s) or grant access (rabbitmqctl set_permissions -p %s %s ".*" ".*" ".*")`,
+			uri.Vhost, hostPort, uri.Username, uri.Vhost, uri.Vhost, uri.Username)
 	case errors.As(err, &certErr), errors.As(err, &unknownAuth), errors.As(err, &hostErr), errors.As(err, &invalidCert):
 		de.Kind = ErrTLS
 		de.msg = fmt.Sprintf("TLS verification of the broker at %s failed: %s: check ca_file, server_name and the broker's certificate", hostPort, cause)
@@ -334,10 +335,23 @@ func dialError(c ConnectionConfig, err error) error {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
 		de.Kind = ErrUnreachable
 		de.msg = fmt.Sprintf("cannot reach the broker at %s: no answer within the dial timeout (%s)", hostPort, c.WithDefaults().DialTimeout)
+	case errors.As(err, &amqpErr) && !amqpErr.Server && amqpErr.Code == amqp.FrameError:
+		de.msg = fmt.Sprintf("the connection to %s closed during the AMQP handshake (%s): check that this is RabbitMQ's AMQP port (5672, or 5671 for amqps)", hostPort, amqpErr.Reason)
+	case errors.As(err, &amqpErr):
+		de.msg = fmt.Sprintf("connect to the broker at %s: %s", hostPort, redactText(describeAMQPError(amqpErr), c.URL))
 	default:
 		de.msg = fmt.Sprintf("connect to the broker at %s: %s", hostPort, cause)
 	}
 	return de
+}
+
+// describeAMQPError renders an amqp091 error in one line: the broker's
+// reply code and text, or the client-side reason.
+func describeAMQPError(e *amqp.Error) string {
+	if e.Server {
+		return oneLine(fmt.Sprintf("the broker closed it with %d %s", e.Code, e.Reason))
+	}
+	return oneLine(e.Reason)
 }
 
 // RedactURL returns u with its password replaced by "xxxxx". Use it wherever

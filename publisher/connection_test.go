@@ -139,11 +139,11 @@ func TestDialConnectionName(t *testing.T) {
 func TestRedactURL(t *testing.T) {
 	t.Parallel()
 	for in, want := range map[string]string{
-		"amqp://guest:guest@localhost:5672/":          "amqp://guest:xxxxx@localhost:5672/",
-		"amqps://u:p%40ss@host/vhost":                 "amqps://u:xxxxx@host/vhost",
-		"amqp://localhost/":                           "amqp://localhost/",
-		"amqp://user@localhost/":                      "amqp://user@localhost/",
-		"amqp://u:pa ss@local host:bad/%zz":           "amqp://u:xxxxx@local host:bad/%zz",
+		"amqp://guest:guest@localhost:5672/":           "amqp://guest:xxxxx@localhost:5672/",
+		"amqps://u:p%40ss@host/vhost":                  "amqps://u:xxxxx@host/vhost",
+		"amqp://localhost/":                            "amqp://localhost/",
+		"amqp://user@localhost/":                       "amqp://user@localhost/",
+		"amqp://u:pa ss@local host:bad/%zz":            "amqp://u:xxxxx@local host:bad/%zz",
 		"amqp://guest:guest@localhost:5672/?heartbeat": "amqp://guest:xxxxx@localhost:5672/?heartbeat",
 	} {
 		require.Equal(t, want, publisher.RedactURL(in), in)

@@ -184,7 +184,7 @@ type Stats struct {
 	Confirmed      uint64 // acked by the broker and routed to a queue
 	Returned       uint64 // returned by the broker as unroutable (and acked)
 	Nacked         uint64 // nacked by the broker
-	Failed         uint64 // written, then lost with the connection before a confirm
+	Failed         uint64 // awaiting a confirm when the connection was lost
 	Outstanding    int    // awaiting a confirm now
 	MaxOutstanding int    // the most that awaited a confirm at once
 	Connects       uint64 // connections made, the first one included
@@ -974,7 +974,7 @@ func (s *session) lostError(fallback string) error {
 		select {
 		case e, ok := <-c:
 			if ok && e != nil {
-				return fmt.Errorf("%w: %s", ErrConnectionLost, oneLine(e.Error()))
+				return fmt.Errorf("%w: %s", ErrConnectionLost, describeAMQPError(e))
 			}
 		default:
 		}

@@ -484,3 +484,105 @@ func TestMarshalErrorFailsBeforePublishing(t *testing.T) {
 	require.Contains(t, err.Error(), "message_id")
 	require.False(t, errors.Is(err, publisher.ErrConnectionLost))
 }
+
+// TestReturnArrivesBeforeItsConfirm checks, on a bare amqp091 channel, the
+// ordering the publisher's return attribution relies on: with unbuffered
+// NotifyReturn and NotifyPublish channels drained by one goroutine, the
+// basic.return of a publish is always received before its confirm.
+func TestReturnArrivesBeforeItsConfirm(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("order") + ".events"
+	a.exchange(exchange)
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "routed")
+
+	ch := a.channel()
+	returns := ch.NotifyReturn(make(chan amqp.Return))
+	confirms := ch.NotifyPublish(make(chan amqp.Confirmation))
+	require.NoError(t, ch.Confirm(false))
+
+	const n = 3000
+	tagOf := make(map[string]uint64, n)
+	unroutable := map[uint64]bool{}
+	var mu sync.Mutex
+	returnedBefore := map[uint64]bool{} // tag -> its return was seen before its confirm
+	done := make(chan error, 1)
+	go func() {
+		confirmed := 0
+		for confirmed < n {
+			select {
+			case r := <-returns:
+				mu.Lock()
+				tag := tagOf[r.MessageId]
+				mu.Unlock()
+				returnedBefore[tag] = true
+			case c := <-confirms:
+				confirmed++
+				mu.Lock()
+				want := unroutable[c.DeliveryTag]
+				mu.Unlock()
+				if want != returnedBefore[c.DeliveryTag] {
+					done <- fmt.Errorf("tag %d: unroutable %v, return seen before confirm %v", c.DeliveryTag, want, returnedBefore[c.DeliveryTag])
+					return
+				}
+			}
+		}
+		done <- nil
+	}()
+	for i := range n {
+		key := "routed"
+		if i%3 == 0 || i%7 == 0 {
+			key = "nowhere"
+		}
+		id := fmt.Sprintf("m%d", i)
+		mu.Lock()
+		tag := ch.GetNextPublishSeqNo()
+		tagOf[id] = tag
+		unroutable[tag] = key == "nowhere"
+		mu.Unlock()
+		require.NoError(t, ch.Publish(exchange, key, true, false, amqp.Publishing{MessageId: id, DeliveryMode: amqp.Persistent, Body: []byte("x")}))
+	}
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("confirms did not arrive")
+	}
+}
+
+// TestExchangeDeletedUnderThePublisher: a publish to an exchange deleted
+// after it was declared kills the channel (404); the publisher fails what
+// was outstanding, reconnects, declares again and goes on.
+func TestExchangeDeletedUnderThePublisher(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("deleted") + ".events"
+	a.deleteExchangeAtEnd(exchange)
+	p := newPublisher(t, publisher.Config{ReconnectMin: 10 * time.Millisecond})
+	require.NoError(t, p.Publish(exchange, event("p", "a.b")))
+
+	ch := a.channel()
+	require.NoError(t, ch.ExchangeDelete(exchange, false, false))
+	err := p.Publish(exchange, event("p", "a.b"))
+	require.ErrorIs(t, err, publisher.ErrConnectionLost)
+	require.Contains(t, err.Error(), "404")
+	t.Logf("error: %v", err)
+
+	require.NoError(t, p.Publish(exchange, event("p", "a.b")))
+	require.EqualValues(t, 2, p.Stats().Connects)
+}
+
+// TestPublishToAmqTopic: the broker's own amq.* exchanges are checked, never
+// declared (declaring them is refused).
+func TestPublishToAmqTopic(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	queue := unique("amq")
+	key := unique("key")
+	a.queue(queue, nil, "amq.topic", key)
+	p := newPublisher(t, publisher.Config{Unroutable: publisher.UnroutableKeep})
+	m := event("p", key)
+	require.NoError(t, p.Publish("amq.topic", m))
+	require.Equal(t, 1, a.count(queue))
+}

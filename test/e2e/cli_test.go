@@ -48,12 +48,12 @@ func TestBadInputAndConfigurationGiveOneClearLine(t *testing.T) {
 
 	bad := filepath.Join(dir, "bad.yaml")
 	for body, want := range map[string][]string{
-		"amqp:\n  connection_strin: amqp://x/\n":       {"unknown setting", "amqp.connection_strin"},
-		"consumer:\n  concurrency: lots\n":             {"consumer.concurrency", "whole number"},
-		"consumer:\n  handler_timeout: -5s\n":          {"consumer.handler_timeout", "negative"},
-		"amqp:\n  connection_string: ftp://h/\n":       {"amqp.connection_string", "amqp://"},
-		"amqp:\n  declare: maybe\n":                    {"amqp.declare", "true or false"},
-		"database: [a, b]\n":                           {"database", "single value"},
+		"amqp:\n  connection_strin: amqp://x/\n":        {"unknown setting", "amqp.connection_strin"},
+		"consumer:\n  concurrency: lots\n":              {"consumer.concurrency", "whole number"},
+		"consumer:\n  handler_timeout: -5s\n":           {"consumer.handler_timeout", "negative"},
+		"amqp:\n  connection_string: ftp://h/\n":        {"amqp.connection_string", "amqp://"},
+		"amqp:\n  declare: maybe\n":                     {"amqp.declare", "true or false"},
+		"database: [a, b]\n":                            {"database", "single value"},
 		"amqp: {connection_string: 'amqp://u:s3cret@\n": {"not valid YAML"},
 	} {
 		require.NoError(t, os.WriteFile(bad, []byte(body), 0o600))
