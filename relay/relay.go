@@ -101,7 +101,8 @@ func (r *Relay) Run(ctx context.Context) error {
 
 	sub := &subscriber{cfg: r.cfg, db: r.cfg.DB, wake: watcher.C, marks: marks, msgCtx: msgCtx, log: log, stopped: make(chan struct{})}
 
-	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: r.cfg.DrainTimeout}, watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug}))
+	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: r.cfg.DrainTimeout},
+		newQuietLogger(watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug}), 5*time.Second))
 	if err != nil {
 		close(marks)
 		<-mk.done

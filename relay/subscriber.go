@@ -183,7 +183,7 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 				release(r.p) // stays unpublished; the next run publishes it
 				continue
 			}
-			s.log.Warn("publish failed; will retry", "seq", r.p.row.Seq, "event_id", r.p.row.EventID, "attempt", r.p.attempts+1)
+			s.log.Debug("publish failed; will retry", "seq", r.p.row.Seq, "event_id", r.p.row.EventID, "attempt", r.p.attempts+1)
 			retryLater(r.p)
 
 		case p := <-retries:
