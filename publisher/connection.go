@@ -276,12 +276,13 @@ func Dial(ctx context.Context, c ConnectionConfig) (*amqp.Connection, error) {
 // DialError is a failed Dial. Its message is one line for operators; Kind
 // is ErrUnreachable, ErrAuth, ErrVhost, ErrTLS or nil.
 type DialError struct {
-	URL  string // redacted
-	Kind error
+	URL  string // the broker URL, redacted
+	Kind error  // ErrUnreachable, ErrAuth, ErrVhost, ErrTLS or nil
+	Err  error  // the cause from the network, TLS or amqp091
 	msg  string
-	Err  error
 }
 
+// Error returns the one-line message.
 func (e *DialError) Error() string { return e.msg }
 
 // Unwrap returns the kind and the cause, for errors.Is and errors.As.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -47,6 +48,13 @@ var (
 	// ErrUnroutable: the broker returned the message because no queue is
 	// bound for its routing key (only with UnroutableKeep).
 	ErrUnroutable = errors.New("message is unroutable")
+	// ErrInvalidMessage: the message cannot be published as it is (a
+	// property longer than AMQP allows, an expiration that is not a number
+	// of milliseconds); publishing it again will not help. Such a message
+	// is refused before anything is sent, because the broker or amqp091
+	// would otherwise close the channel or the connection and fail every
+	// other outstanding publish with it.
+	ErrInvalidMessage = errors.New("message cannot be published")
 )
 
 // UnroutablePolicy says what Publish does with a message the broker returns
@@ -64,6 +72,7 @@ const (
 	UnroutableKeep
 )
 
+// String returns the policy's name: "count" or "keep".
 func (u UnroutablePolicy) String() string {
 	switch u {
 	case UnroutableCount:
@@ -323,11 +332,17 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	if len(msgs) == 0 {
 		return nil
 	}
+	if len(topic) > maxShortstr {
+		return fmt.Errorf("publish to exchange %q: %w: the exchange name is longer than %d bytes", topic[:32]+"...", ErrInvalidMessage, maxShortstr)
+	}
 	pubs := make([]amqp.Publishing, len(msgs))
 	for i, m := range msgs {
 		pub, err := Marshaler{}.Marshal(m)
 		if err != nil {
-			return fmt.Errorf("publish to exchange %q: %w", topic, err)
+			return fmt.Errorf("publish to exchange %q: %w: %w", topic, ErrInvalidMessage, err)
+		}
+		if err := checkPublishing(m.Metadata.Get(MetaRoutingKey), pub); err != nil {
+			return fmt.Errorf("publish message %s to exchange %q: %w: %w", m.UUID, topic, ErrInvalidMessage, err)
 		}
 		pubs[i] = pub
 	}
@@ -408,7 +423,16 @@ func (p *Publisher) Close() error {
 		s := p.sess
 		p.mu.Unlock()
 		if s != nil {
-			s.waitIdle(p.cfg.CloseTimeout)
+			deadline := time.Now().Add(p.cfg.CloseTimeout)
+			// Once a write in progress is over, no new one starts: writers
+			// check p.closed while holding the send lock.
+			select {
+			case s.sendLock <- struct{}{}:
+				<-s.sendLock
+			case <-s.dead:
+			case <-time.After(p.cfg.CloseTimeout):
+			}
+			s.waitIdle(time.Until(deadline))
 		}
 		close(p.closing)
 		if s != nil {
@@ -1118,6 +1142,7 @@ type UnroutableError struct {
 	Reason                          string // the broker's reply text, e.g. NO_ROUTE
 }
 
+// Error names the message, the exchange and the routing key.
 func (e *UnroutableError) Error() string {
 	return fmt.Sprintf("message %s to exchange %q with routing key %q is unroutable (%s): no queue is bound for it, so the broker dropped it; it is kept to be published again",
 		e.MessageID, e.Exchange, e.RoutingKey, e.Reason)
@@ -1143,4 +1168,44 @@ func (p *Publisher) logUnroutable(pd *pending) {
 	p.log.Warn("broker returned an unroutable message: no queue is bound for its routing key",
 		"exchange", pd.exchange, "routing_key", pd.key, "message_id", pd.msgID,
 		"policy", p.cfg.Unroutable.String(), "not_logged_since_last", suppressed)
+}
+
+// maxShortstr is the longest AMQP short string: names, the routing key,
+// most properties and header names.
+const maxShortstr = 255
+
+// checkPublishing refuses what the broker or amqp091 would answer by
+// closing the channel or the connection, which would fail every other
+// outstanding publish too.
+func checkPublishing(key string, pub amqp.Publishing) error {
+	for _, f := range []struct{ name, value string }{
+		{"routing key", key},
+		{"message_id", pub.MessageId},
+		{"type", pub.Type},
+		{"app_id", pub.AppId},
+		{"content_type", pub.ContentType},
+		{"content_encoding", pub.ContentEncoding},
+		{"correlation_id", pub.CorrelationId},
+		{"reply_to", pub.ReplyTo},
+		{"expiration", pub.Expiration},
+		{"user_id", pub.UserId},
+	} {
+		if len(f.value) > maxShortstr {
+			return fmt.Errorf("%s is %d bytes long, AMQP allows at most %d", f.name, len(f.value), maxShortstr)
+		}
+	}
+	for k := range pub.Headers {
+		if len(k) > maxShortstr {
+			return fmt.Errorf("header name %q... is %d bytes long, AMQP allows at most %d", k[:32], len(k), maxShortstr)
+		}
+	}
+	if e := pub.Expiration; e != "" {
+		if _, err := strconv.ParseUint(e, 10, 32); err != nil {
+			return fmt.Errorf("expiration %q is not a number of milliseconds", e)
+		}
+	}
+	if err := pub.Headers.Validate(); err != nil {
+		return fmt.Errorf("headers: %w", err)
+	}
+	return nil
 }

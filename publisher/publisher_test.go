@@ -586,3 +586,40 @@ func TestPublishToAmqTopic(t *testing.T) {
 	require.NoError(t, p.Publish("amq.topic", m))
 	require.Equal(t, 1, a.count(queue))
 }
+
+// TestInvalidMessageIsRefusedBeforeSending: what the broker or amqp091
+// would answer by closing the channel or connection is refused up front,
+// and the connection serves the other publishes.
+func TestInvalidMessageIsRefusedBeforeSending(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("invalid") + ".events"
+	a.exchange(exchange)
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "#")
+	p := newPublisher(t, publisher.Config{})
+	require.NoError(t, p.Publish(exchange, event("p", "a.b")))
+
+	for name, mutate := range map[string]func(m *message.Message){
+		"long routing key":    func(m *message.Message) { m.Metadata.Set(publisher.MetaRoutingKey, strings.Repeat("k", 300)) },
+		"long type":           func(m *message.Message) { m.Metadata.Set(publisher.MetaType, strings.Repeat("t", 256)) },
+		"long message id":     func(m *message.Message) { m.UUID = strings.Repeat("i", 256) },
+		"long header name":    func(m *message.Message) { m.Metadata.Set(strings.Repeat("h", 256), "v") },
+		"bad expiration":      func(m *message.Message) { m.Metadata.Set(publisher.MetaExpiration, "1h") },
+		"negative expiration": func(m *message.Message) { m.Metadata.Set(publisher.MetaExpiration, "-5") },
+		"bad timestamp":       func(m *message.Message) { m.Metadata.Set(publisher.MetaTimestamp, "yesterday") },
+		"no message id":       func(m *message.Message) { m.UUID = "" },
+	} {
+		m := event("p", "a.b")
+		mutate(m)
+		ok := event("p", "a.b")
+		err := p.Publish(exchange, ok, m)
+		require.ErrorIs(t, err, publisher.ErrInvalidMessage, name)
+		t.Logf("%s: %v", name, err)
+	}
+	require.NoError(t, p.Publish(exchange, event("p", "a.b")))
+	st := p.Stats()
+	require.EqualValues(t, 1, st.Connects, "the connection survived")
+	require.EqualValues(t, 2, st.Published, "nothing of an invalid call was sent")
+	require.Equal(t, 2, a.count(queue))
+}

@@ -95,6 +95,7 @@ type ExchangeMissingError struct {
 	Exchange string
 }
 
+// Error names the exchange and says how to create it.
 func (e *ExchangeMissingError) Error() string {
 	hint := "create it"
 	if producer, ok := strings.CutSuffix(e.Exchange, ".events"); ok && ValidateName(producer) == nil {
