@@ -2,7 +2,10 @@ module github.com/warrenmq/warren
 
 go 1.26
 
-tool github.com/go-task/task/v3/cmd/task
+tool (
+	github.com/go-task/task/v3/cmd/task
+	github.com/warrenmq/warren/test/brokerctl
+)
 
 require (
 	github.com/Shopify/toxiproxy/v2 v2.5.0
