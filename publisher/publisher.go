@@ -349,9 +349,11 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	p.want()
 
 	var errs []error
+	var pinned *session // all messages of a call go on one connection, in order
 	sent := make([]*pending, 0, len(msgs))
 	for i, m := range msgs {
-		pd, err := p.publishOne(m.Context(), topic, m.Metadata.Get(MetaRoutingKey), pubs[i])
+		pd, s, err := p.publishOne(m.Context(), pinned, topic, m.Metadata.Get(MetaRoutingKey), pubs[i])
+		pinned = s
 		if err != nil {
 			errs = append(errs, fmt.Errorf("publish message %s to exchange %q: %w", m.UUID, topic, err))
 			if rest := len(msgs) - i - 1; rest > 0 {
@@ -472,20 +474,26 @@ func (p *Publisher) poke() {
 }
 
 // publishOne waits for a connection, the exchange and a window slot, then
-// writes pub to the channel and returns its pending confirm.
-func (p *Publisher) publishOne(ctx context.Context, exchange, key string, pub amqp.Publishing) (*pending, error) {
+// writes pub to the channel and returns its pending confirm and the session
+// it went on. With pinned set it only writes on that session: a call's
+// messages never continue on a new connection after an earlier one of them
+// was written on a connection that broke, so they reach the wire in order.
+func (p *Publisher) publishOne(ctx context.Context, pinned *session, exchange, key string, pub amqp.Publishing) (*pending, *session, error) {
 	connTimer := time.NewTimer(p.cfg.ConfirmTimeout)
 	defer connTimer.Stop()
 	for {
+		if pinned != nil && pinned.isDead() {
+			return nil, nil, fmt.Errorf("not written: the connection broke after earlier messages of the call were written: %w", pinned.deadErr)
+		}
 		s, err := p.session(ctx, connTimer.C)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := s.ensureExchange(ctx, exchange); err != nil {
 			if errors.Is(err, errSessionDead) {
 				continue
 			}
-			return nil, err
+			return nil, nil, err
 		}
 		// A window slot.
 		select {
@@ -493,9 +501,9 @@ func (p *Publisher) publishOne(ctx context.Context, exchange, key string, pub am
 		case <-s.dead:
 			continue
 		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for a slot in the confirm window: %w", context.Cause(ctx))
+			return nil, nil, fmt.Errorf("waiting for a slot in the confirm window: %w", context.Cause(ctx))
 		case <-p.closing:
-			return nil, ErrClosed
+			return nil, nil, ErrClosed
 		}
 		// The channel: publishes are written one at a time so that the
 		// delivery tag we note is the one the broker assigns.
@@ -506,15 +514,15 @@ func (p *Publisher) publishOne(ctx context.Context, exchange, key string, pub am
 			continue
 		case <-ctx.Done():
 			<-p.window
-			return nil, fmt.Errorf("waiting to write to the channel: %w", context.Cause(ctx))
+			return nil, nil, fmt.Errorf("waiting to write to the channel: %w", context.Cause(ctx))
 		case <-p.closing:
 			<-p.window
-			return nil, ErrClosed
+			return nil, nil, ErrClosed
 		}
 		if p.isClosed() {
 			<-s.sendLock
 			<-p.window
-			return nil, ErrClosed
+			return nil, nil, ErrClosed
 		}
 		pd := &pending{
 			tag:      s.ch.GetNextPublishSeqNo(),
@@ -535,10 +543,10 @@ func (p *Publisher) publishOne(ctx context.Context, exchange, key string, pub am
 			s.fail(lost, true)
 			// fail resolved pd (releasing its window slot); report the
 			// write error rather than pd's.
-			return nil, lost
+			return nil, nil, lost
 		}
 		p.published.Add(1)
-		return pd, nil
+		return pd, s, nil
 	}
 }
 

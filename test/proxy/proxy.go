@@ -73,7 +73,8 @@ func New(upstream string) (*Proxy, error) {
 func (p *Proxy) URL(rawURL string) string {
 	u, err := url.Parse(rawURL)
 	if err != nil {
-		panic(fmt.Sprintf("proxy: bad URL: %v", err))
+		p.fail("proxy: bad URL: %v", err)
+		return rawURL
 	}
 	u.Host = p.Addr
 	return u.String()
