@@ -1,0 +1,199 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// results are the figures of a run; a zero value was not measured.
+type results struct {
+	limit      rate
+	drain      drain
+	profile    string
+	consumer   rate
+	rawConsume rate
+	consumeCfg string // the consumer's channels and prefetch
+	e2e        e2eResult
+	peer       peerResult
+	growth     growthResult
+}
+
+// count formats n with thousands separators: 1,000,000.
+func count(n int) string {
+	s := strconv.Itoa(n)
+	var out []byte
+	for i := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			out = append(out, ',')
+		}
+		out = append(out, s[i])
+	}
+	return string(out)
+}
+
+func perSec(r float64, unit string) string { return count(int(r+0.5)) + " " + unit + "/s" }
+
+func ms(d time.Duration) string {
+	return strconv.FormatFloat(float64(d)/float64(time.Millisecond), 'f', 1, 64)
+}
+
+// verdict is PASS or MISS.
+func verdict(ok bool) string {
+	if ok {
+		return "PASS"
+	}
+	return "MISS"
+}
+
+type line struct{ fig, what, value, ratio, target, result string }
+
+func report(w io.Writer, o options, m machine, r *results) {
+	s := o.sizes
+	mode := "full run"
+	if o.quick {
+		mode = "quick mode (--quick): smaller sizes, not the figures to publish"
+	}
+	var ls []line
+	add := func(l line) { ls = append(ls, l) }
+	na := func(fig, what, why string) { add(line{fig: fig, what: what, value: why}) }
+
+	// 1
+	if r.limit.N > 0 {
+		add(line{"1", fmt.Sprintf("the limit: raw amqp091-go, %s persistent messages, window %d, quorum queue on a topic exchange", count(r.limit.N), window),
+			perSec(r.limit.PerSec(), "msgs"), "1.00", "", ""})
+	}
+	// 2
+	if r.drain.N > 0 {
+		l := line{fig: "2", what: fmt.Sprintf("relay drain: `warren relay` process, %s-row backlog to confirmed and marked", count(r.drain.N)),
+			value: perSec(r.drain.PerSec(), "events"), target: "≥ 0.85 × limit"}
+		if r.limit.N > 0 {
+			q := r.drain.PerSec() / r.limit.PerSec()
+			l.ratio, l.result = fmt.Sprintf("%.2f × limit", q), verdict(q >= 0.85)
+		} else {
+			l.ratio = "figure 1 not run"
+		}
+		add(l)
+		l = line{fig: "2", what: "relay drain against the peer (figure 5)", target: "≥ 5 × peer"}
+		if r.peer.N > 0 {
+			q := r.drain.PerSec() / r.peer.PerSec()
+			l.ratio, l.result = fmt.Sprintf("%.1f × peer", q), verdict(q >= 5)
+		} else {
+			l.ratio = "figure 5 not run"
+		}
+		add(l)
+	}
+	// 3
+	switch {
+	case r.consumer.N > 0:
+		l := line{fig: "3", what: fmt.Sprintf("consumer: %s queued messages to processed inbox rows (%s)", count(r.consumer.N), r.consumeCfg),
+			value: perSec(r.consumer.PerSec(), "msgs"), target: "≥ 0.70 × raw"}
+		q := r.consumer.PerSec() / r.rawConsume.PerSec()
+		l.ratio, l.result = fmt.Sprintf("%.2f × raw", q), verdict(q >= 0.70)
+		add(l)
+		add(line{"3", "raw consume-and-ack: amqp091-go, manual ack of each message, same channels and prefetch", perSec(r.rawConsume.PerSec(), "msgs"), "1.00", "", ""})
+	case o.runs(3):
+		na("3", "consumer", "not available yet")
+	}
+	// 4
+	switch {
+	case r.e2e.N > 0:
+		e := r.e2e
+		add(line{"4", fmt.Sprintf("end to end, %s events/s for %s (%s appended, achieved %s/s): commit → published p50 / p95 / p99", count(s.E2ERate), s.E2EDuration, count(e.N), count(int(e.Achieved+0.5))),
+			fmt.Sprintf("%s / %s / %s ms", ms(e.Published.P50), ms(e.Published.P95), ms(e.Published.P99)), "", "", ""})
+		add(line{"4", "end to end: commit → inbox (processed_at) p50 / p95 / p99",
+			fmt.Sprintf("%s / %s / %s ms", ms(e.Inbox.P50), ms(e.Inbox.P95), ms(e.Inbox.P99)), "", "p99 ≤ 25 ms", verdict(e.Inbox.P99 <= 25*time.Millisecond)})
+	case o.runs(4):
+		na("4", "end to end", "not available yet")
+	}
+	// 5
+	if r.peer.N > 0 {
+		add(line{"5", fmt.Sprintf("the peer: watermill-sql v3 outbox on PostgreSQL, watermill forwarder, watermill-amqp v2 with ConfirmDelivery; %s-message backlog", count(r.peer.N)),
+			perSec(r.peer.PerSec(), "events"), "", "", ""})
+	}
+	// 6
+	if len(r.growth.Small) > 0 {
+		g := r.growth
+		sm := g.SmallMedian()
+		add(line{"6", fmt.Sprintf("relay drain at a %s-row backlog (median of %d)", count(sm.N), len(g.Small)), perSec(sm.PerSec(), "events"), "1.00", "", ""})
+		q := g.Large.PerSec() / sm.PerSec()
+		add(line{"6", fmt.Sprintf("relay drain at a %s-row backlog", count(g.Large.N)), perSec(g.Large.PerSec(), "events"),
+			fmt.Sprintf("%.2f × %s", q, count(sm.N)), "within 10%", verdict(q >= 0.90 && q <= 1.10)})
+		add(line{"6", fmt.Sprintf("relay peak RSS (VmHWM) at %s rows (%.1f MiB at %s)", count(g.Large.N), float64(sm.HWMKiB)/1024, count(sm.N)),
+			fmt.Sprintf("%.1f MiB", float64(g.Large.HWMKiB)/1024), "", "≤ 64 MiB", verdict(g.Large.HWMKiB <= 64*1024)})
+	}
+
+	fmt.Fprintf(w, "\n### warren bench — %s\n\n", mode)
+	fmt.Fprintln(w, "| # | figure | value | ratio | target | result |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|")
+	for _, l := range ls {
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", l.fig, l.what, l.value, l.ratio, l.target, l.result)
+	}
+
+	// Where the CPU went, phase by phase.
+	type cpuRow struct {
+		phase string
+		c     cpuUse
+	}
+	var cs []cpuRow
+	if r.limit.N > 0 {
+		cs = append(cs, cpuRow{"1 the limit", r.limit.CPU})
+	}
+	if r.drain.N > 0 {
+		cs = append(cs, cpuRow{"2 relay drain", r.drain.CPU})
+	}
+	if r.consumer.N > 0 {
+		cs = append(cs, cpuRow{"3 consumer", r.consumer.CPU}, cpuRow{"3 raw consume", r.rawConsume.CPU})
+	}
+	if r.e2e.N > 0 {
+		cs = append(cs, cpuRow{"4 end to end", r.e2e.CPU})
+	}
+	if r.peer.N > 0 {
+		cs = append(cs, cpuRow{"5 the peer", r.peer.CPU})
+	}
+	if len(r.growth.Small) > 0 {
+		cs = append(cs, cpuRow{"6 drain " + count(r.growth.SmallMedian().N), r.growth.SmallMedian().CPU}, cpuRow{"6 drain " + count(r.growth.Large.N), r.growth.Large.CPU})
+	}
+	if len(cs) > 0 {
+		fmt.Fprintf(w, "\nCPU used during each phase, in cores (%d available): the relay process, the broker, this process (publisher, consumer, appender, forwarder, poller).\n\n", m.CPUs)
+		fmt.Fprintln(w, "| phase | wall | relay | broker | bench |")
+		fmt.Fprintln(w, "|---|---|---|---|---|")
+		for _, c := range cs {
+			relay := "—"
+			if c.c.Relay > 0 {
+				relay = fmt.Sprintf("%.2f", c.c.Relay)
+			}
+			fmt.Fprintf(w, "| %s | %s | %s | %.2f | %.2f |\n", c.phase, c.c.Wall.Round(10*time.Millisecond), relay, c.c.Broker, c.c.Bench)
+		}
+	}
+
+	fmt.Fprintf(w, "\nEvents: %d-byte JSON payloads, type %q, aggregates \"company\" 0..%d round robin; the relay and the limit publish the same AMQP message (warren's marshaler), mandatory and persistent, window %d.", payloadSize, eventType, aggregates-1, window)
+	fmt.Fprintf(w, " Drains are timed from the relay's \"relay started\" line to the last published_at (1 ms resolution); the peer from the forwarder's start until the queue holds every message.\n")
+	if r.peer.N > 0 {
+		fmt.Fprintf(w, "The peer: %s.\n", r.peer.Setup)
+	}
+	if r.profile != "" {
+		fmt.Fprintf(w, "CPU profile of an in-process relay drain: %s\n", r.profile)
+	}
+	fmt.Fprintf(w, "\nMachine: %d CPUs (%s), %s MiB RAM, %s; RabbitMQ %s (%s)", m.CPUs, m.CPUModel, count(m.MemoryMiB), m.Kernel, m.RabbitMQ, m.Erlang)
+	if r.peer.PG != "" {
+		fmt.Fprintf(w, ", %s", r.peer.PG)
+	}
+	fmt.Fprintf(w, "; %s; load average at start %s.\n", m.Go, m.LoadAvg)
+	fmt.Fprintf(w, "Command: `%s`\n", commandLine(m.Command))
+}
+
+// commandLine shows how the bench was run: `go run` binaries live in a
+// temporary folder, so their path says nothing.
+func commandLine(c string) string {
+	f := strings.Fields(c)
+	if len(f) == 0 {
+		return c
+	}
+	if strings.Contains(f[0], "go-build") || strings.HasSuffix(f[0], "/bench") || f[0] == "bench" {
+		f[0] = "go run ./test/bench"
+	}
+	return strings.Join(f, " ")
+}
