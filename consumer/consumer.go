@@ -369,11 +369,14 @@ func (c *Consumer) track(delta int64) {
 func (c *Consumer) deliver(d *Delivery) error {
 	ctx := c.base
 	prior := d.trips // runs made before this copy was published
-	if d.redelivered() {
+	redelivered := d.redelivered()
+	if redelivered {
 		// An earlier delivery of this copy ended without an ack: a crash,
-		// a lost connection or a stop. Count the first delivery as a run
-		// (it may have crashed the process) and every later run the inbox
-		// saw start: deliveries that were only prefetched do not count.
+		// a lost connection, a stop, or a failure whose retry could not be
+		// published. Count the runs the inbox saw start or fail; a
+		// delivery that was only prefetched does not count (nor a first
+		// run that killed the process, which nothing recorded: a message
+		// that kills the process every time is poisoned one crash later).
 		st, found, err := inbox.Lookup(ctx, c.cfg.DB, d.Consumer, d.MessageID)
 		if err != nil {
 			return c.requeue(err)
@@ -381,21 +384,23 @@ func (c *Consumer) deliver(d *Delivery) error {
 		if found && st.Status == inbox.StatusProcessed {
 			return c.duplicate(d)
 		}
-		prior += 1 + st.Unfinished
+		prior = max(prior, st.LastAttempt)
 	}
 	if prior >= c.cfg.MaxAttempts {
-		last := d.Headers[publisher.HeaderError]
-		if d.redelivered() {
-			last = fmt.Sprintf("delivered %d times without an outcome (does the handler crash the process?)", prior-d.trips)
+		var last error
+		if redelivered && prior > d.trips {
+			last = fmt.Errorf("the last %d runs never finished or their retry was not published (does the handler crash the process?)", prior-d.trips)
+		} else if h := d.Headers[publisher.HeaderError]; h != "" {
+			last = errors.New(h)
 		}
-		return c.poison(d, ReasonMaxAttempts, prior, errors.New(last), false)
+		return c.poison(d, ReasonMaxAttempts, prior, last, false)
 	}
 	if c.cfg.Expiration > 0 && !d.arrivedAt.IsZero() && time.Since(d.arrivedAt) > c.cfg.Expiration {
 		return c.poison(d, ReasonExpired, prior, fmt.Errorf("waited %s in queue %s, longer than the expiration %s",
 			time.Since(d.arrivedAt).Round(time.Second), publisher.QueueName(c.cfg.Consumer), c.cfg.Expiration), false)
 	}
 	d.Attempt = prior + 1
-	if d.redelivered() && !c.cfg.AutoAck {
+	if redelivered && !c.cfg.AutoAck {
 		if err := c.record(d, func(ctx context.Context, e inbox.Execer) error {
 			return inbox.RecordStarted(ctx, e, &d.Delivery, d.Attempt)
 		}); err != nil {

@@ -45,6 +45,9 @@ type testBundle struct {
 	producer string
 	cfg      consumer.Config
 	counts   *counts
+
+	mu     sync.Mutex
+	delays map[time.Duration]bool // of every retry queue a test may have made
 }
 
 // counts are the consumer's hooks, counted.
@@ -82,6 +85,7 @@ func setup(t testing.TB) *testBundle {
 		name:     testenv.Name("c"),
 		producer: testenv.Name("p"),
 		counts:   &counts{reasons: map[string]int{}},
+		delays:   map[time.Duration]bool{},
 	}
 	b.cfg = consumer.Config{
 		Consumer:    b.name,
@@ -92,16 +96,28 @@ func setup(t testing.TB) *testBundle {
 		Logger:      testLogger(),
 		Hooks:       b.counts.hooks(),
 	}
-	t.Cleanup(func() { b.deleteTopology(b.cfg) })
+	b.track(b.cfg)
+	t.Cleanup(b.deleteTopology)
 	return b
 }
 
-func (b *testBundle) deleteTopology(cfg consumer.Config) {
-	cfg = cfg.WithDefaults()
+// track notes the retry queues of cfg, to delete them when the test ends.
+func (b *testBundle) track(cfg consumer.Config) consumer.Config {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, d := range cfg.WithDefaults().RetryDelays {
+		b.delays[d] = true
+	}
+	return cfg
+}
+
+func (b *testBundle) deleteTopology() {
 	queues := []string{publisher.QueueName(b.name), publisher.PoisonQueueName(b.name)}
-	for _, d := range cfg.RetryDelays {
+	b.mu.Lock()
+	for d := range b.delays {
 		queues = append(queues, publisher.RetryQueueName(b.name, d))
 	}
+	b.mu.Unlock()
 	testenv.DeleteTopology("", b.conn, []string{publisher.ExchangeName(b.producer)}, queues)
 }
 
@@ -109,7 +125,7 @@ func (b *testBundle) deleteTopology(cfg consumer.Config) {
 // called).
 func (b *testBundle) start(t testing.TB, cfg consumer.Config, h consumer.Handler) *consumer.Consumer {
 	t.Helper()
-	c, err := consumer.New(cfg, h)
+	c, err := consumer.New(b.track(cfg), h)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -220,7 +220,7 @@ func MarkProcessed(ctx context.Context, e Execer, d *Delivery, attempt int) (boo
 		ON CONFLICT (consumer, message_id) DO UPDATE SET
 			status = 'processed',
 			attempts = max(warren_inbox.attempts + 1, excluded.attempts),
-			unfinished = 0,
+			last_attempt = 0,
 			processed_at = excluded.processed_at
 		WHERE warren_inbox.status != 'processed'`, args...)
 	if err != nil {
@@ -243,7 +243,11 @@ func RecordFailure(ctx context.Context, e Execer, d *Delivery, attempt int, caus
 	if status != StatusRetrying && status != StatusPoisoned {
 		return fmt.Errorf("inbox: record failure of %s/%s: status %q is not %q or %q", d.Consumer, d.MessageID, status, StatusRetrying, StatusPoisoned)
 	}
-	return recordFailure(ctx, e, d, status, ErrorLine(cause), `max(warren_inbox.attempts + 1, excluded.attempts)`, attempt, bodyOf(d))
+	lastAttempt := attempt
+	if status == StatusPoisoned {
+		lastAttempt = 0
+	}
+	return recordFailure(ctx, e, d, status, ErrorLine(cause), `max(warren_inbox.attempts + 1, excluded.attempts)`, attempt, lastAttempt, bodyOf(d))
 }
 
 // RecordPoisoned records that d was parked in the poison queue without a
@@ -257,7 +261,7 @@ func RecordPoisoned(ctx context.Context, e Execer, d *Delivery, attempts int, re
 	if keepBody {
 		body = bodyOf(d)
 	}
-	return recordFailure(ctx, e, d, StatusPoisoned, ErrorLine(errors.New(reason)), `max(warren_inbox.attempts, excluded.attempts)`, attempts, body)
+	return recordFailure(ctx, e, d, StatusPoisoned, ErrorLine(errors.New(reason)), `max(warren_inbox.attempts, excluded.attempts)`, attempts, 0, body)
 }
 
 // bodyOf returns d's body for the body column: an empty body is stored as
@@ -269,19 +273,19 @@ func bodyOf(d *Delivery) []byte {
 	return d.Body
 }
 
-func recordFailure(ctx context.Context, e Execer, d *Delivery, status Status, lastError, attemptsExpr string, attempts int, body any) error {
+func recordFailure(ctx context.Context, e Execer, d *Delivery, status Status, lastError, attemptsExpr string, attempts, lastAttempt int, body any) error {
 	args, err := rowArgs(d, status, attempts, lastError, body, nil)
 	if err != nil {
 		return err
 	}
-	_, err = e.ExecContext(ctx, `INSERT INTO warren_inbox (`+insertColumns+`)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+	_, err = e.ExecContext(ctx, `INSERT INTO warren_inbox (`+insertColumns+`, last_attempt)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (consumer, message_id) DO UPDATE SET
 			status = excluded.status,
 			attempts = `+attemptsExpr+`,
-			unfinished = 0,
+			last_attempt = excluded.last_attempt,
 			last_error = excluded.last_error
-		WHERE warren_inbox.status != 'processed'`, args...)
+		WHERE warren_inbox.status != 'processed'`, append(args, lastAttempt)...)
 	if err != nil {
 		return fmt.Errorf("inbox: record %s of %s/%s: %w", status, d.Consumer, d.MessageID, err)
 	}
@@ -292,9 +296,10 @@ func recordFailure(ctx context.Context, e Execer, d *Delivery, status Status, la
 type State struct {
 	Status   Status
 	Attempts int
-	// Unfinished counts the runs RecordStarted recorded since the last
-	// outcome: runs that never finished.
-	Unfinished int
+	// LastAttempt is the attempt number of the latest run started on a
+	// redelivery (RecordStarted) or failed (RecordFailure), as the delivery
+	// counted it; 0 after a poisoning or a success.
+	LastAttempt int
 }
 
 // Lookup reads the state of (consumer, messageID); found is false when
@@ -302,8 +307,8 @@ type State struct {
 func Lookup(ctx context.Context, q Querier, consumer, messageID string) (st State, found bool, err error) {
 	var status string
 	err = q.QueryRowContext(ctx,
-		`SELECT status, attempts, unfinished FROM warren_inbox WHERE consumer = ? AND message_id = ?`,
-		consumer, messageID).Scan(&status, &st.Attempts, &st.Unfinished)
+		`SELECT status, attempts, last_attempt FROM warren_inbox WHERE consumer = ? AND message_id = ?`,
+		consumer, messageID).Scan(&status, &st.Attempts, &st.LastAttempt)
 	if errors.Is(err, dbsql.ErrNoRows) {
 		return State{}, false, nil
 	}
@@ -315,23 +320,22 @@ func Lookup(ctx context.Context, q Querier, consumer, messageID string) (st Stat
 }
 
 // RecordStarted records, before the handler runs, that run attempt of a
-// redelivered d starts: status retrying and one more unfinished run, until
-// MarkProcessed, RecordFailure or RecordPoisoned records its outcome. Call
-// it with a *sql.DB (it must commit before the handler runs): if the
-// process dies during the run, the next delivery of the message still
-// counts it. A processed row is left alone.
+// redelivered d starts: status retrying and LastAttempt at least attempt,
+// so that if the process dies during the run the next delivery of the
+// message still counts it. Call it with a *sql.DB or a transaction of its
+// own: it must commit before the handler runs. A processed row is left
+// alone.
 func RecordStarted(ctx context.Context, e Execer, d *Delivery, attempt int) error {
-	args, err := rowArgs(d, StatusRetrying, attempt, "", bodyOf(d), nil)
+	args, err := rowArgs(d, StatusRetrying, attempt-1, "", bodyOf(d), nil)
 	if err != nil {
 		return err
 	}
-	_, err = e.ExecContext(ctx, `INSERT INTO warren_inbox (`+insertColumns+`, unfinished)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+	_, err = e.ExecContext(ctx, `INSERT INTO warren_inbox (`+insertColumns+`, last_attempt)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (consumer, message_id) DO UPDATE SET
 			status = 'retrying',
-			attempts = max(warren_inbox.attempts, excluded.attempts),
-			unfinished = warren_inbox.unfinished + 1
-		WHERE warren_inbox.status != 'processed'`, args...)
+			last_attempt = max(warren_inbox.last_attempt, excluded.last_attempt)
+		WHERE warren_inbox.status != 'processed'`, append(args, attempt)...)
 	if err != nil {
 		return fmt.Errorf("inbox: record start of %s/%s: %w", d.Consumer, d.MessageID, err)
 	}

@@ -262,34 +262,44 @@ func TestRecordStarted(t *testing.T) {
 	ctx := context.Background()
 	b := setup(t)
 	d := delivery("billing", "m-1")
+	lookup := func() inbox.State {
+		t.Helper()
+		st, found, err := inbox.Lookup(ctx, b.db, "billing", "m-1")
+		require.NoError(t, err)
+		require.True(t, found)
+		return st
+	}
 
 	_, found, err := inbox.Lookup(ctx, b.db, "billing", "m-1")
 	require.NoError(t, err)
 	require.False(t, found)
 
+	// A run that started and never finished counts for the next one.
+	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 1))
+	require.Equal(t, inbox.State{Status: inbox.StatusRetrying, Attempts: 0, LastAttempt: 1}, lookup())
 	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 2))
-	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 3))
-	st, found, err := inbox.Lookup(ctx, b.db, "billing", "m-1")
-	require.NoError(t, err)
-	require.True(t, found)
-	require.Equal(t, inbox.State{Status: inbox.StatusRetrying, Attempts: 3, Unfinished: 2}, st)
+	require.Equal(t, inbox.State{Status: inbox.StatusRetrying, Attempts: 0, LastAttempt: 2}, lookup())
 
-	// An outcome clears the unfinished runs.
+	// So does a failed one.
+	require.NoError(t, inbox.RecordFailure(ctx, b.db, d, 3, errors.New("boom"), inbox.StatusRetrying))
+	require.Equal(t, inbox.State{Status: inbox.StatusRetrying, Attempts: 3, LastAttempt: 3}, lookup())
+
+	// Poisoning starts the count over (for a redrive), not the audit count.
 	require.NoError(t, inbox.RecordFailure(ctx, b.db, d, 4, errors.New("boom"), inbox.StatusPoisoned))
-	st, _, err = inbox.Lookup(ctx, b.db, "billing", "m-1")
-	require.NoError(t, err)
-	require.Equal(t, inbox.State{Status: inbox.StatusPoisoned, Attempts: 4}, st)
+	require.Equal(t, inbox.State{Status: inbox.StatusPoisoned, Attempts: 4, LastAttempt: 0}, lookup())
 
 	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 1))
+	require.Equal(t, inbox.State{Status: inbox.StatusRetrying, Attempts: 4, LastAttempt: 1}, lookup())
 	_, err = inbox.MarkProcessed(ctx, b.db, d, 1)
 	require.NoError(t, err)
-	st, _, err = inbox.Lookup(ctx, b.db, "billing", "m-1")
-	require.NoError(t, err)
-	require.Equal(t, inbox.State{Status: inbox.StatusProcessed, Attempts: 5}, st)
+	require.Equal(t, inbox.State{Status: inbox.StatusProcessed, Attempts: 5, LastAttempt: 0}, lookup())
 
 	// Never on a processed row.
 	require.NoError(t, inbox.RecordStarted(ctx, b.db, d, 9))
-	st, _, err = inbox.Lookup(ctx, b.db, "billing", "m-1")
+	require.Equal(t, inbox.State{Status: inbox.StatusProcessed, Attempts: 5, LastAttempt: 0}, lookup())
+
+	require.NoError(t, inbox.RecordPoisoned(ctx, b.db, delivery("billing", "m-2"), 5, "expired", true))
+	st, _, err := inbox.Lookup(ctx, b.db, "billing", "m-2")
 	require.NoError(t, err)
-	require.Equal(t, inbox.State{Status: inbox.StatusProcessed, Attempts: 5}, st)
+	require.Equal(t, inbox.State{Status: inbox.StatusPoisoned, Attempts: 5, LastAttempt: 0}, st)
 }

@@ -20,7 +20,6 @@ type Entry struct {
 	Status     Status
 	Attempts   int    // handler runs so far
 	Duplicates int    // duplicate deliveries acked without running the handler
-	Unfinished int    // runs started on redeliveries that never finished (a crash)
 	LastError  string // the last handler error or poison reason, if any
 	// ProcessedAt is when the handler's transaction committed; zero unless
 	// processed.
@@ -95,7 +94,7 @@ func decodeCursor(s string) (cursor, error) {
 
 const selectColumns = `consumer, message_id, producer, exchange, routing_key, event_type,
 	aggregate_type, aggregate_id, aggregate_version, content_type, headers, properties,
-	status, attempts, duplicates, unfinished, last_error, first_received_at, processed_at`
+	status, attempts, duplicates, last_error, first_received_at, processed_at`
 
 // List returns a page of inbox rows matching f, newest first (or oldest
 // first with f.Oldest), ordered by first_received_at then consumer and
@@ -218,7 +217,7 @@ func scanEntry(rows *dbsql.Rows) (Entry, error) {
 	)
 	err := rows.Scan(&e.Consumer, &e.MessageID, &e.Producer, &e.Exchange, &e.RoutingKey, &e.EventType,
 		&aggType, &aggID, &aggVersion, &e.ContentType, &headers, &props,
-		&status, &e.Attempts, &e.Duplicates, &e.Unfinished, &lastErr, &firstReceiv, &processed, &body)
+		&status, &e.Attempts, &e.Duplicates, &lastErr, &firstReceiv, &processed, &body)
 	if err != nil {
 		return Entry{}, err
 	}

@@ -44,10 +44,11 @@ CREATE TABLE warren_inbox (
     status            TEXT    NOT NULL CHECK (status IN ('processed', 'retrying', 'poisoned')),
     attempts          INTEGER NOT NULL DEFAULT 0,
     duplicates        INTEGER NOT NULL DEFAULT 0,
-    -- handler runs started on redeliveries of the current copy that never
-    -- recorded an outcome (the process died): they count as attempts, so a
-    -- message that kills the consumer every time ends in the poison queue
-    unfinished        INTEGER NOT NULL DEFAULT 0,
+    -- the attempt number of the latest handler run started on a redelivery
+    -- or failed, as the delivery counts attempts; 0 again once poisoned (a
+    -- redriven message starts over). A redelivery counts from it, so runs
+    -- the process died in, or whose retry could not be published, count.
+    last_attempt      INTEGER NOT NULL DEFAULT 0,
     last_error        TEXT,
     first_received_at TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     processed_at      TEXT,
