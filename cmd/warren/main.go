@@ -60,16 +60,13 @@ localhost:5672 as user guest).`,
 		newRelayCmd(),
 		newOutboxCmd(),
 		newTopologyCmd(),
+		newConsumeCmd(),
+		newInboxCmd(),
+		newPoisonCmd(),
+		newDemoCmd(),
 	)
-	for _, extra := range extraCommands {
-		root.AddCommand(extra())
-	}
 	return root
 }
-
-// extraCommands are added by other files of this package (the consumer
-// side), so that each command lives in its own file.
-var extraCommands []func() *cobra.Command
 
 // newLogger returns the logger for cfg, writing to w.
 func newLogger(cfg Config, w io.Writer) *slog.Logger {

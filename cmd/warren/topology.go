@@ -53,8 +53,8 @@ they exist as expected (for brokers where warren may not declare).
 					}
 					fmt.Fprintf(cmd.OutOrStdout(), "exchange %s: %s\n", publisher.ExchangeName(p), map[bool]string{false: "declared", true: "ok"}[verify])
 				}
-				if cfg.App != "" && consumerTopology != nil {
-					return consumerTopology(cmd, cfg, conn, verify)
+				if cfg.App != "" {
+					return consumerTopologyCmd(cmd, cfg, conn, verify)
 				}
 				return nil
 			},
