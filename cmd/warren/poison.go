@@ -205,4 +205,3 @@ func newPoisonPurgeCmd() *cobra.Command {
 	cmd.Flags().Bool("yes", false, "really drop them")
 	return cmd
 }
-

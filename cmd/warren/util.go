@@ -12,4 +12,3 @@ var urlPassword = regexp.MustCompile(`(amqps?://[^:/@\s]*:)[^@\s]*@`)
 
 // redactAll replaces the password of every AMQP URL in s.
 func redactAll(s string) string { return urlPassword.ReplaceAllString(s, "${1}xxxxx@") }
-
