@@ -270,6 +270,9 @@ func (b *bench) startWarren(env []string, args ...string) (*proc, error) {
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for sc.Scan() {
 			line := sc.Text()
+			if b.o.verbose {
+				fmt.Fprintln(os.Stderr, "  warren:", line)
+			}
 			if strings.Contains(line, "relay started") {
 				select {
 				case p.started <- time.Now():

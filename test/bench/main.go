@@ -3,7 +3,7 @@
 // run on the same broker and machine, and prints a Markdown table of the
 // figures, their ratios and the project's targets.
 //
-//	go run ./test/bench [--quick] [--only 1,2,5] [--profile DIR]
+//	go run ./test/bench [--quick] [--only 1,2,5] [--profile DIR] [--verbose]
 //
 // The figures:
 //
@@ -88,6 +88,7 @@ type options struct {
 	quick   bool
 	only    []int
 	profile string
+	verbose bool
 	url     string
 	pg      string
 	sizes   sizes
@@ -101,8 +102,9 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smaller sizes, finishes in under two minutes")
 	flag.StringVar(&only, "only", "", "run only these figures, e.g. 1,2,5 (ratios need the figures they compare)")
 	flag.StringVar(&o.profile, "profile", "", "also drain the figure 2 backlog once with the relay in process and write a CPU profile to this folder")
+	flag.BoolVar(&o.verbose, "verbose", false, "print the relay's log lines and the end-to-end latencies over time")
 	flag.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: go run ./test/bench [--quick] [--only 1,2,5] [--profile DIR]\n\n")
+		fmt.Fprintf(os.Stderr, "usage: go run ./test/bench [--quick] [--only 1,2,5] [--profile DIR] [--verbose]\n\n")
 		fmt.Fprintf(os.Stderr, "Benchmarks warren against the broker's limit and the Watermill forwarder in one run.\n")
 		fmt.Fprintf(os.Stderr, "Broker: WARREN_URL (default %s); PostgreSQL: WARREN_BENCH_PG (default %s).\n\n", defaultURL, defaultPG)
 		flag.PrintDefaults()
@@ -184,7 +186,7 @@ func run(ctx context.Context, o options) (err error) {
 		}
 	}
 	if o.runs(3) {
-		if r.consumer, r.rawConsume, err = b.consume(ctx, o.sizes.Consume); err != nil {
+		if r.consumer, r.rawConsume, r.consumeCfg, err = b.consume(ctx, o.sizes.Consume); err != nil {
 			return fmt.Errorf("figure 3 (consumer): %w", err)
 		}
 	}

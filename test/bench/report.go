@@ -36,6 +36,10 @@ func count(n int) string {
 
 func perSec(r float64, unit string) string { return count(int(r+0.5)) + " " + unit + "/s" }
 
+func quant(q quantiles) string {
+	return fmt.Sprintf("%s / %s / %s ms", ms(q.P50), ms(q.P95), ms(q.P99))
+}
+
 func ms(d time.Duration) string {
 	return strconv.FormatFloat(float64(d)/float64(time.Millisecond), 'f', 1, 64)
 }
@@ -101,10 +105,11 @@ func report(w io.Writer, o options, m machine, r *results) {
 	switch {
 	case r.e2e.N > 0:
 		e := r.e2e
-		add(line{"4", fmt.Sprintf("end to end, %s events/s for %s (%s appended, achieved %s/s): commit → published p50 / p95 / p99", count(s.E2ERate), s.E2EDuration, count(e.N), count(int(e.Achieved+0.5))),
-			fmt.Sprintf("%s / %s / %s ms", ms(e.Published.P50), ms(e.Published.P95), ms(e.Published.P99)), "", "", ""})
-		add(line{"4", "end to end: commit → inbox (processed_at) p50 / p95 / p99",
-			fmt.Sprintf("%s / %s / %s ms", ms(e.Inbox.P50), ms(e.Inbox.P95), ms(e.Inbox.P99)), "", "p99 ≤ 25 ms", verdict(e.Inbox.P99 <= 25*time.Millisecond)})
+		add(line{"4", fmt.Sprintf("end to end: an application appends %s events/s for %s, one per transaction (achieved %s/s; its commits p99 %s ms), relay and consumer running: commit → delivered to a raw consumer of a second queue, p50 / p95 / p99",
+			count(s.E2ERate), s.E2EDuration, count(int(e.Achieved+0.5)), ms(e.Commit.P99)),
+			quant(e.Delivered), "", "", ""})
+		add(line{"4", "end to end: commit → published_at (stamped when the relay marks the row)", quant(e.Published), "", "", ""})
+		add(line{"4", "end to end: commit → the consumer's inbox transaction committed", quant(e.Inbox), "", "p99 ≤ 25 ms", verdict(e.Inbox.P99 <= 25*time.Millisecond)})
 	case o.runs(4):
 		na("4", "end to end", "not available yet")
 	}

@@ -1,0 +1,327 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/warrenmq/warren/consumer"
+	"github.com/warrenmq/warren/outbox"
+	"github.com/warrenmq/warren/publisher"
+	wsql "github.com/warrenmq/warren/sql"
+)
+
+// quantiles of a latency distribution.
+type quantiles struct{ P50, P95, P99, Max time.Duration }
+
+// quantilesOf returns the nearest-rank quantiles of ds (sorted in place).
+func quantilesOf(ds []time.Duration) quantiles {
+	if len(ds) == 0 {
+		return quantiles{}
+	}
+	slices.Sort(ds)
+	at := func(p float64) time.Duration {
+		i := int(p*float64(len(ds))+0.999999) - 1
+		return ds[min(max(i, 0), len(ds)-1)]
+	}
+	return quantiles{P50: at(0.50), P95: at(0.95), P99: at(0.99), Max: ds[len(ds)-1]}
+}
+
+func (q quantiles) String() string {
+	return fmt.Sprintf("p50 %s, p95 %s, p99 %s, max %s ms", ms(q.P50), ms(q.P95), ms(q.P99), ms(q.Max))
+}
+
+// e2eResult is figure 4.
+type e2eResult struct {
+	N         int
+	Achieved  float64   // events/s the application committed
+	Commit    quantiles // the application's own append-and-commit time
+	Delivered quantiles // commit → arrival at a raw consumer of a second queue
+	Published quantiles // commit → published_at (the relay's mark)
+	Inbox     quantiles // commit → the inbox transaction committed
+	CPU       cpuUse
+}
+
+// endToEnd is figure 4: an application appends one event per transaction
+// at perSec events/s for d while `warren relay` (its own process) and a
+// consumer (in this process, defaults) run; each event's commit time is
+// compared with its published_at and with the moment the consumer's inbox
+// transaction holding it committed.
+func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eResult, error) {
+	var res e2eResult
+	producer, err := b.producer(ctx)
+	if err != nil {
+		return res, err
+	}
+	k := b.seq.Add(1)
+	app, appPath, err := b.newDB(ctx, fmt.Sprintf("e2e-app-%d", k))
+	if err != nil {
+		return res, err
+	}
+	defer removeDB(appPath)
+	defer app.Close()
+
+	// The consumer's own database, stamping inbox commits.
+	cdb, cPath, err := b.newDB(ctx, fmt.Sprintf("e2e-consumer-%d", k))
+	if err != nil {
+		return res, err
+	}
+	_ = cdb.Close()
+	defer removeDB(cPath)
+	var (
+		mu      sync.Mutex
+		pending []string
+		inboxAt = map[string]time.Time{}
+		handled atomic.Int64
+	)
+	cdb, err = openStamped(ctx, cPath, func() {
+		now := time.Now()
+		mu.Lock()
+		for _, id := range pending {
+			if _, ok := inboxAt[id]; !ok {
+				inboxAt[id] = now
+			}
+		}
+		pending = pending[:0]
+		mu.Unlock()
+	})
+	if err != nil {
+		return res, err
+	}
+	defer cdb.Close()
+	cfg := b.consumerConfig(b.name(fmt.Sprintf("e2e%d", k)), producer, cdb)
+	defer b.deleteConsumerQueues(cfg)()
+	c, err := consumer.New(cfg, consumer.HandlerFunc(func(_ context.Context, _ *sql.Tx, d *consumer.Delivery) error {
+		mu.Lock()
+		pending = append(pending, d.MessageID)
+		mu.Unlock()
+		handled.Add(1)
+		return nil
+	}))
+	if err != nil {
+		return res, err
+	}
+	if err := c.Start(ctx); err != nil {
+		return res, err
+	}
+	defer func() { _ = c.Stop(context.Background()) }()
+
+	// A raw consumer on a second quorum queue says when each event left
+	// the relay: published_at is stamped when the relay marks the row,
+	// which may be later than the broker's confirm.
+	stopTap, err := b.tap(ctx, producer, b.name(fmt.Sprintf("tap-%d", k)))
+	if err != nil {
+		return res, err
+	}
+	defer stopTap()
+
+	p, err := b.startWarren([]string{"WARREN_DB=" + appPath, "WARREN_URL=" + b.o.url, "WARREN_LOG_LEVEL=info"}, "relay")
+	if err != nil {
+		return res, err
+	}
+	defer p.kill()
+	if _, err := p.waitStarted(ctx, 30*time.Second); err != nil {
+		return res, err
+	}
+
+	// Warm up the path (connections, the first exchange declare) with 100
+	// events that do not count.
+	const warm = 100
+	warmEvs := make([]outbox.Event, warm)
+	for i := range warmEvs {
+		warmEvs[i] = event(producer, i)
+	}
+	if _, err := outbox.AppendDB(ctx, app, warmEvs...); err != nil {
+		return res, err
+	}
+	if err := waitCount(ctx, &handled, warm, 30*time.Second); err != nil {
+		return res, fmt.Errorf("warm-up: %w\nrelay output:\n%s", err, p.output())
+	}
+
+	n := perSec * int(d/time.Second)
+	ids := make([]string, n)
+	committed := make([]time.Time, n)
+	commitTook := make([]time.Duration, n)
+	interval := time.Second / time.Duration(perSec)
+	var appended atomic.Int64
+	bar := newBar(n, "4 end to end: appending")
+	stopBar := follow(bar, &appended)
+	m := b.meter(p.cmd.Process.Pid)
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		if wait := time.Until(start.Add(time.Duration(i) * interval)); wait > 0 {
+			time.Sleep(wait)
+		}
+		t0 := time.Now()
+		tx, err := app.BeginTx(ctx, nil)
+		if err != nil {
+			stopBar()
+			return res, err
+		}
+		got, err := outbox.Append(ctx, tx, event(producer, warm+i))
+		if err != nil {
+			_ = tx.Rollback()
+			stopBar()
+			return res, err
+		}
+		if err := tx.Commit(); err != nil {
+			stopBar()
+			return res, err
+		}
+		committed[i] = time.Now()
+		commitTook[i] = committed[i].Sub(t0)
+		ids[i] = got[0]
+		appended.Add(1)
+	}
+	stopBar()
+	res.N = n
+	res.Achieved = float64(n) / committed[n-1].Sub(start).Seconds()
+	if err := waitCount(ctx, &handled, warm+n, time.Minute); err != nil {
+		return res, fmt.Errorf("%w\nrelay output:\n%s", err, p.output())
+	}
+	res.CPU = m.stop()
+
+	// Every row is marked published shortly after its confirm.
+	if err := waitDrained(ctx, app, 1, n, newBar(n, "4 waiting for the last marks"), p.done, 30*time.Second); err != nil {
+		return res, err
+	}
+	published, err := publishedAt(ctx, app)
+	if err != nil {
+		return res, err
+	}
+	arrived := stopTap()
+	toPub := make([]time.Duration, 0, n)
+	toInbox := make([]time.Duration, 0, n)
+	toTap := make([]time.Duration, 0, n)
+	mu.Lock()
+	for i, id := range ids {
+		at, ok := arrived[id]
+		if !ok {
+			mu.Unlock()
+			return res, fmt.Errorf("event %s never reached the raw consumer", id)
+		}
+		toTap = append(toTap, at.Sub(committed[i]))
+		pt, ok := published[id]
+		if !ok {
+			mu.Unlock()
+			return res, fmt.Errorf("event %s has no published_at", id)
+		}
+		it, ok := inboxAt[id]
+		if !ok {
+			mu.Unlock()
+			return res, fmt.Errorf("event %s never reached the inbox", id)
+		}
+		// published_at is truncated to the millisecond: count the middle
+		// of its millisecond.
+		toPub = append(toPub, max(pt.Add(time.Millisecond/2).Sub(committed[i]), 0))
+		toInbox = append(toInbox, it.Sub(committed[i]))
+	}
+	mu.Unlock()
+	if b.o.verbose {
+		for j := 0; j < len(toPub); j += perSec / 4 {
+			fmt.Fprintf(os.Stderr, "  end to end, appended at %5.2fs: delivered %s ms published_at %s ms inbox %s ms\n", committed[j].Sub(start).Seconds(), ms(toTap[j]), ms(toPub[j]), ms(toInbox[j]))
+		}
+	}
+	res.Commit = quantilesOf(commitTook)
+	res.Delivered = quantilesOf(toTap)
+	res.Published = quantilesOf(toPub)
+	res.Inbox = quantilesOf(toInbox)
+	b.logf("figure 4: %d events at %.0f/s (asked %d/s); application commit %s; commit → delivered %s; commit → published_at %s; commit → inbox %s (%s)",
+		n, res.Achieved, perSec, res.Commit, res.Delivered, res.Published, res.Inbox, res.CPU)
+	if err := p.stop(30 * time.Second); err != nil {
+		return res, fmt.Errorf("stop relay: %w\n%s", err, p.output())
+	}
+	return res, nil
+}
+
+// waitCount waits until counter reaches n.
+func waitCount(ctx context.Context, counter *atomic.Int64, n int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for counter.Load() < int64(n) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d events reached the consumer within %s", counter.Load(), n, timeout)
+		}
+		select {
+		case <-time.After(10 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// publishedAt returns every row's published_at by event id.
+func publishedAt(ctx context.Context, db *sql.DB) (map[string]time.Time, error) {
+	rows, err := db.QueryContext(ctx, `SELECT event_id, published_at FROM warren_outbox WHERE published_at IS NOT NULL`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]time.Time{}
+	for rows.Next() {
+		var id, at string
+		if err := rows.Scan(&id, &at); err != nil {
+			return nil, err
+		}
+		t, err := wsql.ParseTime(at)
+		if err != nil {
+			return nil, err
+		}
+		out[id] = t
+	}
+	return out, rows.Err()
+}
+
+// tap consumes a second quorum queue bound to the producer's exchange with
+// auto-ack and records when each message id first arrived. The returned
+// func stops it (once) and returns the arrivals.
+func (b *bench) tap(ctx context.Context, producer, queue string) (func() map[string]time.Time, error) {
+	del, err := b.quorumQueue(queue, publisher.ExchangeName(producer))
+	if err != nil {
+		return nil, err
+	}
+	conn, err := publisher.Dial(ctx, publisher.ConnectionConfig{URL: b.o.url})
+	if err != nil {
+		del()
+		return nil, err
+	}
+	ch, err := conn.Channel()
+	if err == nil {
+		err = ch.Qos(1000, 0, false)
+	}
+	var ds <-chan amqp.Delivery
+	if err == nil {
+		ds, err = ch.Consume(queue, "tap", true, false, false, false, nil)
+	}
+	if err != nil {
+		_ = conn.Close()
+		del()
+		return nil, fmt.Errorf("tap %s: %w", queue, err)
+	}
+	arrived := map[string]time.Time{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for d := range ds {
+			if _, ok := arrived[d.MessageId]; !ok {
+				arrived[d.MessageId] = time.Now()
+			}
+		}
+	}()
+	var once sync.Once
+	return func() map[string]time.Time {
+		once.Do(func() {
+			_ = conn.Close()
+			<-done
+			del()
+		})
+		return arrived
+	}, nil
+}
