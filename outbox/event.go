@@ -120,6 +120,11 @@ func (e *Event) Validate(maxPayload int) error {
 	if len(e.Payload) > maxPayload {
 		return &ValidationError{Field: "payload", Reason: fmt.Sprintf("%d bytes, more than the limit of %d bytes (large messages do not belong on a bus: store the data and send a reference)", len(e.Payload), maxPayload), cause: ErrPayloadTooLarge}
 	}
+	for field, v := range map[string]string{"content_type": e.ContentType, "correlation_id": e.CorrelationID, "aggregate_type": e.AggregateType, "traceparent": e.Traceparent} {
+		if len(v) > 255 || !utf8.ValidString(v) {
+			return invalid(field, "must be UTF-8, at most 255 bytes (an AMQP short string)")
+		}
+	}
 	if e.Expiration < 0 {
 		return invalid("expiration", "negative (%s)", e.Expiration)
 	}

@@ -94,6 +94,7 @@ func TestAppendValidation(t *testing.T) {
 		{"nil payload", func(e *outbox.Event) { e.Payload = nil }, "payload"},
 		{"reserved header", func(e *outbox.Event) { e.Headers = map[string]string{"x-death": "1"} }, "belong to RabbitMQ"},
 		{"aggregate header", func(e *outbox.Event) { e.Headers = map[string]string{"aggregate-id": "1"} }, "set Event.AggregateID"},
+		{"long correlation id", func(e *outbox.Event) { e.CorrelationID = strings.Repeat("c", 256) }, "correlation_id"},
 		{"negative expiration", func(e *outbox.Event) { e.Expiration = -time.Second }, "negative"},
 	}
 	for _, c := range cases {

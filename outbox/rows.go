@@ -135,7 +135,8 @@ func scanRow(s scanner, maxPayload int) (Row, error) {
 			r.PublishedAt = &t
 		}
 	}
-	ev := Event{ID: r.EventID, Producer: r.Producer, Type: r.EventType, Payload: r.Payload}
+	ev := Event{ID: r.EventID, Producer: r.Producer, Type: r.EventType, Payload: r.Payload,
+		ContentType: r.ContentType, CorrelationID: r.CorrelationID, AggregateType: r.AggregateType, Traceparent: r.Traceparent}
 	if ev.Payload == nil {
 		ev.Payload = []byte{} // NOT NULL in the schema; an empty BLOB scans as nil
 	}
