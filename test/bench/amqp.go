@@ -206,6 +206,8 @@ func rawPublish(ctx context.Context, url, exchange string, msgs []amqp.Publishin
 	}()
 	stopBar := follow(bar, &confirmed)
 	defer stopBar()
+	stopSampling := sample(func() int { return len(tokens) })
+	defer func() { lastRawWindow = stopSampling() }()
 
 	start := time.Now()
 	for i := range msgs {
@@ -301,4 +303,36 @@ func rawConsume(ctx context.Context, url, queue string, n, channels, prefetch in
 	}
 	wg.Wait()
 	return took, nil
+}
+
+// lastRawWindow is how many publishes awaited their confirm, on average,
+// during the last rawPublish.
+var lastRawWindow float64
+
+// sample calls f every millisecond until the returned func is called,
+// which returns the mean of the values.
+func sample(f func() int) func() float64 {
+	stop := make(chan struct{})
+	mean := make(chan float64, 1)
+	go func() {
+		var sum, n int64
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				sum += int64(f())
+				n++
+			case <-stop:
+				mean <- float64(sum) / float64(max(n, 1))
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	var m float64
+	return func() float64 {
+		once.Do(func() { close(stop); m = <-mean })
+		return m
+	}
 }

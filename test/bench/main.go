@@ -3,7 +3,7 @@
 // run on the same broker and machine, and prints a Markdown table of the
 // figures, their ratios and the project's targets.
 //
-//	go run ./test/bench [--quick] [--only 1,2,5] [--profile DIR] [--verbose]
+//	go run ./test/bench [--quick] [--only 1,2,5] [--repeat N] [--profile DIR] [--verbose]
 //
 // The figures:
 //
@@ -89,6 +89,7 @@ type options struct {
 	only    []int
 	profile string
 	verbose bool
+	repeat  int
 	url     string
 	pg      string
 	sizes   sizes
@@ -102,9 +103,10 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smaller sizes, finishes in under two minutes")
 	flag.StringVar(&only, "only", "", "run only these figures, e.g. 1,2,5 (ratios need the figures they compare)")
 	flag.StringVar(&o.profile, "profile", "", "also drain the figure 2 backlog once with the relay in process and write a CPU profile to this folder")
+	flag.IntVar(&o.repeat, "repeat", 1, "measure the limit and the relay drain this many times in turn; the median ratio counts")
 	flag.BoolVar(&o.verbose, "verbose", false, "print the relay's log lines and the end-to-end latencies over time")
 	flag.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: go run ./test/bench [--quick] [--only 1,2,5] [--profile DIR] [--verbose]\n\n")
+		fmt.Fprintf(os.Stderr, "usage: go run ./test/bench [--quick] [--only 1,2,5] [--repeat N] [--profile DIR] [--verbose]\n\n")
 		fmt.Fprintf(os.Stderr, "Benchmarks warren against the broker's limit and the Watermill forwarder in one run.\n")
 		fmt.Fprintf(os.Stderr, "Broker: WARREN_URL (default %s); PostgreSQL: WARREN_BENCH_PG (default %s).\n\n", defaultURL, defaultPG)
 		flag.PrintDefaults()
@@ -122,6 +124,10 @@ func main() {
 			os.Exit(2)
 		}
 		o.only = append(o.only, n)
+	}
+	if o.repeat < 1 {
+		fmt.Fprintf(os.Stderr, "bench: --repeat %d: at least 1\n", o.repeat)
+		os.Exit(2)
 	}
 	o.url = envOr("WARREN_URL", defaultURL)
 	o.pg = envOr("WARREN_BENCH_PG", defaultPG)
@@ -169,16 +175,29 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	b.logf("warren bench, %s mode, run %s: broker %s (RabbitMQ %s), %d CPUs", mode, b.id, redact(o.url), b.machine.RabbitMQ, b.machine.CPUs)
 
-	// The limit first: the relay's figures are read against it.
-	if o.runs(1) {
-		if r.limit, err = b.limit(ctx, o.sizes.Limit); err != nil {
-			return fmt.Errorf("figure 1 (the limit): %w", err)
+	// The limit and the relay drain side by side, --repeat times in turn.
+	for i := 0; i < o.repeat && (o.runs(1) || o.runs(2)); i++ {
+		round := ""
+		if o.repeat > 1 {
+			round = fmt.Sprintf(" (%d/%d)", i+1, o.repeat)
+		}
+		if o.runs(1) {
+			l, err := b.limit(ctx, o.sizes.Limit, round)
+			if err != nil {
+				return fmt.Errorf("figure 1 (the limit): %w", err)
+			}
+			r.limits = append(r.limits, l)
+		}
+		if o.runs(2) {
+			d, err := b.relayDrain(ctx, o.sizes.Drain, "2 relay drain"+round)
+			if err != nil {
+				return fmt.Errorf("figure 2 (relay drain): %w", err)
+			}
+			r.drains = append(r.drains, d)
 		}
 	}
+	r.pickMedian()
 	if o.runs(2) {
-		if r.drain, err = b.relayDrain(ctx, o.sizes.Drain, "relay drain"); err != nil {
-			return fmt.Errorf("figure 2 (relay drain): %w", err)
-		}
 		if o.profile != "" {
 			if r.profile, err = b.profileDrain(ctx, o.sizes.Drain, o.profile); err != nil {
 				return fmt.Errorf("figure 2 (profiled relay drain): %w", err)

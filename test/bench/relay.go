@@ -57,7 +57,7 @@ func (b *bench) producer(ctx context.Context) (string, error) {
 // limit is figure 1: raw amqp091-go publishing n of the relay's messages
 // with a window of 512 outstanding confirms to a quorum queue bound to the
 // producer's topic exchange.
-func (b *bench) limit(ctx context.Context, n int) (rate, error) {
+func (b *bench) limit(ctx context.Context, n int, round string) (rate, error) {
 	producer, err := b.producer(ctx)
 	if err != nil {
 		return rate{}, err
@@ -71,14 +71,14 @@ func (b *bench) limit(ctx context.Context, n int) (rate, error) {
 		return rate{}, err
 	}
 	defer del()
-	bar := newBar(n, "1 the limit: raw publish")
+	bar := newBar(n, "1 the limit: raw publish"+round)
 	m := b.meter(0)
 	took, err := rawPublish(ctx, b.o.url, publisher.ExchangeName(producer), msgs, window, bar)
 	if err != nil {
 		return rate{}, err
 	}
 	r := rate{N: n, Took: took, CPU: m.stop()}
-	b.logf("figure 1: raw publish of %d messages (%d-byte bodies) in %s: %.0f msgs/s (%s)", n, len(msgs[0].Body), took.Round(time.Millisecond), r.PerSec(), r.CPU)
+	b.logf("1 the limit%s: raw publish of %d messages (%d-byte bodies) in %s: %.0f msgs/s, %.0f awaiting their confirm on average (%s)", round, n, len(msgs[0].Body), took.Round(time.Millisecond), r.PerSec(), lastRawWindow, r.CPU)
 	return r, nil
 }
 
@@ -267,17 +267,19 @@ func (b *bench) profileDrain(ctx context.Context, n int, dir string) (string, er
 	exited := make(chan struct{})
 	go func() { defer close(exited); _ = r.Run(rctx) }()
 	start := time.Now()
+	stopSampling := sample(func() int { return pub.Stats().Outstanding })
 	bar := newBar(n, "2 relay drain, in process, profiled")
 	err = waitDrained(ctx, ro, first, n, bar, exited, 10*time.Minute)
 	_ = bar.Finish()
 	took := time.Since(start)
+	outstanding := stopSampling()
 	pprof.StopCPUProfile()
 	stop()
 	<-exited
 	if err != nil {
 		return "", err
 	}
-	b.logf("figure 2, profiled in process: %d rows in %s (%.0f events/s); CPU profile in %s (go tool pprof -top %s)", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), file, file)
+	b.logf("figure 2, profiled in process: %d rows in %s (%.0f events/s), %.0f awaiting their confirm on average; CPU profile in %s (go tool pprof -top %s)", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), outstanding, file, file)
 	return file, nil
 }
 

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -10,8 +12,11 @@ import (
 
 // results are the figures of a run; a zero value was not measured.
 type results struct {
-	limit      rate
+	limits     []rate  // figure 1, each round
+	drains     []drain // figure 2, each round
+	limit      rate    // the round with the median ratio (or value)
 	drain      drain
+	ratios     []float64 // drain / limit, each round
 	profile    string
 	consumer   rate
 	rawConsume rate
@@ -19,6 +24,37 @@ type results struct {
 	e2e        e2eResult
 	peer       peerResult
 	growth     growthResult
+}
+
+// pickMedian picks the round whose drain-to-limit ratio is the median
+// (or, with one figure alone, the median value) as the one to report.
+func (r *results) pickMedian() {
+	n := max(len(r.limits), len(r.drains))
+	if n == 0 {
+		return
+	}
+	idx := make([]int, n)
+	key := make([]float64, n)
+	for i := range idx {
+		idx[i] = i
+		switch {
+		case len(r.limits) == n && len(r.drains) == n:
+			key[i] = r.drains[i].PerSec() / r.limits[i].PerSec()
+			r.ratios = append(r.ratios, key[i])
+		case len(r.drains) == n:
+			key[i] = r.drains[i].PerSec()
+		default:
+			key[i] = r.limits[i].PerSec()
+		}
+	}
+	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(key[a], key[b]) })
+	m := idx[n/2]
+	if len(r.limits) == n {
+		r.limit = r.limits[m]
+	}
+	if len(r.drains) == n {
+		r.drain = r.drains[m]
+	}
 }
 
 // count formats n with thousands separators: 1,000,000.
@@ -76,6 +112,13 @@ func report(w io.Writer, o options, m machine, r *results) {
 		if r.limit.N > 0 {
 			q := r.drain.PerSec() / r.limit.PerSec()
 			l.ratio, l.result = fmt.Sprintf("%.2f × limit", q), verdict(q >= 0.85)
+			if len(r.ratios) > 1 {
+				var rs []string
+				for _, x := range r.ratios {
+					rs = append(rs, fmt.Sprintf("%.2f", x))
+				}
+				l.ratio = fmt.Sprintf("%.2f × limit (median of %s)", q, strings.Join(rs, ", "))
+			}
 		} else {
 			l.ratio = "figure 1 not run"
 		}
