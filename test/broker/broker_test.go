@@ -160,7 +160,8 @@ func TestNode(t *testing.T) {
 func TestEnsureStartsAndReusesANode(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	url := fmt.Sprintf("amqp://guest:guest@localhost:%d/", freePort(t))
+	// A user and vhost other than guest and "/" are made on the new node.
+	url := fmt.Sprintf("amqp://app:s3cret@localhost:%d/tenant", freePort(t))
 	t.Cleanup(func() {
 		if n, err := broker.Lookup(dir); err == nil {
 			require.NoError(t, n.Stop())

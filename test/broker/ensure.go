@@ -89,6 +89,11 @@ func EnsureNode(ctx context.Context, rawURL string, dir string, log func(string)
 	}
 
 	if l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port))); err != nil {
+		// Something holds the port: perhaps a broker that is still
+		// starting, such as the one the package just installed.
+		if waitAnswers(ctx, rawURL, portTakenWait) {
+			return Ensured{URL: rawURL}, nil
+		}
 		_, dialErr := dial(ctx, rawURL)
 		return Ensured{}, fmt.Errorf("port %d on this machine is taken, but no broker answers there as %s (%v): stop what holds the port, or set WARREN_URL to a broker that answers", port, shown, dialErr)
 	} else {
@@ -98,13 +103,32 @@ func EnsureNode(ctx context.Context, rawURL string, dir string, log func(string)
 	started := time.Now()
 	n, err := StartNode(ctx, Options{Name: fmt.Sprintf("warren-%d", port), Port: port, Dir: dir, Detach: true})
 	if err != nil {
-		return Ensured{}, fmt.Errorf("no broker answers at %s, and starting a private one failed: %w", shown, err)
+		return Ensured{}, fmt.Errorf("no broker answers at %s, and starting a private one failed (if its data in %s is damaged, remove that folder and try again): %w", shown, dir, err)
 	}
-	if err := grant(n, u); err != nil {
+	if err := grant(ctx, n, u); err != nil {
 		n.Stop()
 		return Ensured{}, err
 	}
 	return Ensured{URL: rawURL, Node: n, Started: true, Took: time.Since(started)}, nil
+}
+
+// portTakenWait is how long Ensure waits for a broker to answer on a port
+// that something holds.
+const portTakenWait = 10 * time.Second
+
+func waitAnswers(ctx context.Context, url string, d time.Duration) bool {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		if Answers(ctx, url) {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // waitBooted waits, at most StartTimeout, until a node started by another
@@ -116,8 +140,12 @@ func (n *Node) waitBooted(ctx context.Context) error {
 }
 
 // grant gives the URL's user, if it is not guest, and vhost, if it is not
-// "/", to a new node, so that the URL answers there too.
-func grant(n *Node, u *url.URL) error {
+// "/", to a node that does not know them yet, so that the URL answers there
+// too.
+func grant(ctx context.Context, n *Node, u *url.URL) error {
+	if Answers(ctx, u.String()) {
+		return nil
+	}
 	vhost := "/"
 	if p := u.Path; len(p) > 1 {
 		vhost, _ = url.PathUnescape(p[1:])

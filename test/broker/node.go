@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -62,7 +63,8 @@ type Options struct {
 	Port int
 
 	// Config is the body of the node's rabbitmq.conf, for example TLS
-	// listeners. Default: none.
+	// listeners. Keep the plain AMQP listener: the node is known to be up
+	// when it answers there. Default: none.
 	Config string
 
 	// Dir holds the node's data, logs and Erlang cookie. A folder that held
@@ -206,7 +208,7 @@ func start(ctx context.Context, server string, opts Options) (*Node, error) {
 		return nil, err
 	}
 	defer logf.Close()
-	logStart, _ := logf.Seek(0, 2)
+	logStart, _ := logf.Seek(0, io.SeekEnd)
 
 	cmd := exec.Command(server) // not -detached: the node is our child, so we see it exit
 	cmd.Env = n.env
@@ -377,7 +379,7 @@ func (n *Node) stop(sig syscall.Signal, grace time.Duration) error {
 		return nil
 	}
 	// A graceful stop goes to the node alone: its helper processes
-	// (erl_child_setup) must outlive it, or it halts with a crash dump.
+	// (erl_child_setup) must stay while it shuts down.
 	if sig != syscall.SIGKILL {
 		syscall.Kill(n.PID, sig)
 		if n.waitExit(grace) {
