@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,90 +21,120 @@ import (
 
 // BenchmarkConsume compares warren's consumer (inbox row per delivery,
 // batched commits, synchronous=FULL) with a raw amqp091 consume-and-ack of
-// the same queue type and the same prefetch, on a queue holding
-// WARREN_BENCH_MESSAGES messages (default 100,000):
+// the same queue type and the same prefetch, on queues holding
+// WARREN_BENCH_MESSAGES messages (default 100,000). Both queues are filled
+// first, then drained back to back, WARREN_BENCH_ROUNDS times (default 1);
+// the figures are the medians.
 //
 //	go test -run '^$' -bench Consume -benchtime 1x ./consumer
 func BenchmarkConsume(b *testing.B) {
-	n := 100_000
-	if s := os.Getenv("WARREN_BENCH_MESSAGES"); s != "" {
-		var err error
-		n, err = strconv.Atoi(s)
-		require.NoError(b, err)
-	}
-	concurrency := consumer.DefaultConcurrency
-	if s := os.Getenv("WARREN_BENCH_CONCURRENCY"); s != "" {
-		var err error
-		concurrency, err = strconv.Atoi(s)
-		require.NoError(b, err)
-	}
+	n := envInt(b, "WARREN_BENCH_MESSAGES", 100_000)
+	concurrency := envInt(b, "WARREN_BENCH_CONCURRENCY", consumer.DefaultConcurrency)
+	rounds := envInt(b, "WARREN_BENCH_ROUNDS", 1)
 	prefetch := 2 * concurrency
 	for range b.N {
-		tb := setup(b)
-		cfg := tb.cfg
-		cfg.Concurrency = concurrency
-		cfg.Prefetch = prefetch
-		cfg.Hooks = consumer.Hooks{}
-
-		body := []byte(`{"id":42,"name":"Acme Corporation","street":"1 Main Street","city":"Springfield","country":"US","vat":"US123456789","tags":["customer","gold"],"updatedBy":"alice@example.com","note":"` + strings.Repeat("x", 80) + `"}`)
-		events := func(prefix string) []amqp.Publishing {
-			ps := make([]amqp.Publishing, n)
-			for i := range ps {
-				ps[i] = tb.event(fmt.Sprintf("%s-%07d", prefix, i))
-				ps[i].Body = body
-			}
-			return ps
+		var raws, warrens, ratios []float64
+		for range rounds {
+			raw, warren := benchRound(b, n, concurrency, prefetch)
+			raws, warrens, ratios = append(raws, raw), append(warrens, warren), append(ratios, 100*warren/raw)
+			b.Logf("%d messages, concurrency %d, prefetch %d: raw amqp091 %.0f msgs/s, warren %.0f msgs/s (%.0f%% of raw)",
+				n, concurrency, prefetch, raw, warren, 100*warren/raw)
 		}
-
-		// Raw: one channel, the same prefetch, ack each delivery.
-		raw := publisher.QueueName(tb.name) + "-raw"
-		ch, err := tb.conn.Channel()
-		require.NoError(b, err)
-		_, err = ch.QueueDeclare(raw, true, false, false, false, amqp.Table{amqp.QueueTypeArg: string(consumer.Quorum)})
-		require.NoError(b, err)
-		b.Cleanup(func() { testDeleteQueue(tb, raw) })
-		tb.publish(b, "", raw, events("raw")...)
-		require.NoError(b, ch.Qos(prefetch, 0, false))
-		start := time.Now()
-		ds, err := ch.Consume(raw, "", false, false, false, false, nil)
-		require.NoError(b, err)
-		for range n {
-			d := <-ds
-			require.NoError(b, d.Ack(false))
-		}
-		rawRate := float64(n) / time.Since(start).Seconds()
-		require.NoError(b, ch.Close())
-
-		// warren: the inbox-only handler.
-		ctx := context.Background()
-		require.NoError(b, consumer.DeclareTopology(ctx, tb.conn, cfg))
-		tb.publish(b, "", publisher.QueueName(tb.name), events("warren")...)
-		var done atomic.Int64
-		finished := make(chan struct{})
-		cfg.Hooks.HandlerDuration = func(time.Duration) {
-			if done.Add(1) == int64(n) {
-				close(finished)
-			}
-		}
-		c, err := consumer.New(cfg, consumer.Inbox)
-		require.NoError(b, err)
-		start = time.Now()
-		require.NoError(b, c.Start(ctx))
-		select {
-		case <-finished:
-		case <-time.After(10 * time.Minute):
-			b.Fatalf("only %d of %d handled in 10 minutes", done.Load(), n)
-		}
-		warrenRate := float64(n) / time.Since(start).Seconds()
-		require.NoError(b, c.Stop(ctx))
-		require.Equal(b, n, tb.count(b, `SELECT count(*) FROM warren_inbox WHERE status = 'processed'`))
-
-		b.ReportMetric(rawRate, "raw-msgs/s")
-		b.ReportMetric(warrenRate, "warren-msgs/s")
-		b.ReportMetric(100*warrenRate/rawRate, "%-of-raw")
-		b.Logf("%d messages, concurrency %d, prefetch %d: raw amqp091 %.0f msgs/s, warren %.0f msgs/s (%.0f%% of raw)",
-			n, concurrency, prefetch, rawRate, warrenRate, 100*warrenRate/rawRate)
+		b.ReportMetric(median(raws), "raw-msgs/s")
+		b.ReportMetric(median(warrens), "warren-msgs/s")
+		b.ReportMetric(median(ratios), "%-of-raw")
 	}
+}
+
+func envInt(b *testing.B, name string, def int) int {
+	if s := os.Getenv(name); s != "" {
+		n, err := strconv.Atoi(s)
+		require.NoError(b, err, name)
+		return n
+	}
+	return def
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// benchRound fills a raw queue and a consumer's queue with n messages each,
+// then drains the raw one with amqp091 (one channel, prefetch, an ack per
+// delivery) and the consumer's with warren (the inbox-only handler), and
+// returns both rates.
+func benchRound(b *testing.B, n, concurrency, prefetch int) (rawRate, warrenRate float64) {
+	tb := setup(b)
+	ctx := context.Background()
+	cfg := tb.cfg
+	cfg.Concurrency = concurrency
+	cfg.Prefetch = prefetch
+	cfg.Hooks = consumer.Hooks{}
+
+	body := []byte(`{"id":42,"name":"Acme Corporation","street":"1 Main Street","city":"Springfield","country":"US","vat":"US123456789","tags":["customer","gold"],"updatedBy":"alice@example.com","note":"` + strings.Repeat("x", 80) + `"}`)
+	events := func(prefix string) []amqp.Publishing {
+		ps := make([]amqp.Publishing, n)
+		for i := range ps {
+			ps[i] = tb.event(fmt.Sprintf("%s-%07d", prefix, i))
+			ps[i].Body = body
+		}
+		return ps
+	}
+	raw := publisher.QueueName(tb.name) + "-raw"
+	ch, err := tb.conn.Channel()
+	require.NoError(b, err)
+	_, err = ch.QueueDeclare(raw, true, false, false, false, amqp.Table{amqp.QueueTypeArg: string(consumer.Quorum)})
+	require.NoError(b, err)
+	b.Cleanup(func() { testDeleteQueue(tb, raw) })
+	tb.publish(b, "", raw, events("raw")...)
+	require.NoError(b, consumer.DeclareTopology(ctx, tb.conn, cfg))
+	tb.publish(b, "", publisher.QueueName(tb.name), events("warren")...)
+
+	require.NoError(b, ch.Qos(prefetch, 0, false))
+	cpu0 := cpuTime()
+	start := time.Now()
+	ds, err := ch.Consume(raw, "", false, false, false, false, nil)
+	require.NoError(b, err)
+	for range n {
+		d := <-ds
+		require.NoError(b, d.Ack(false))
+	}
+	rawRate = float64(n) / time.Since(start).Seconds()
+	rawCPU := cpuTime() - cpu0
+	require.NoError(b, ch.Close())
+
+	var done atomic.Int64
+	finished := make(chan struct{})
+	cfg.Hooks.HandlerDuration = func(time.Duration) {
+		if done.Add(1) == int64(n) {
+			close(finished)
+		}
+	}
+	c, err := consumer.New(cfg, consumer.Inbox)
+	require.NoError(b, err)
+	cpu0 = cpuTime()
+	start = time.Now()
+	require.NoError(b, c.Start(ctx))
+	select {
+	case <-finished:
+	case <-time.After(10 * time.Minute):
+		b.Fatalf("only %d of %d handled in 10 minutes", done.Load(), n)
+	}
+	warrenRate = float64(n) / time.Since(start).Seconds()
+	warrenCPU := cpuTime() - cpu0
+	b.Logf("CPU of this process per message: raw %.0fµs, warren %.0fµs", float64(rawCPU.Microseconds())/float64(n), float64(warrenCPU.Microseconds())/float64(n))
+	require.NoError(b, c.Stop(ctx))
+	require.Equal(b, n, tb.count(b, `SELECT count(*) FROM warren_inbox WHERE status = 'processed'`))
+	return rawRate, warrenRate
+}
+
+// cpuTime is the CPU time (user and system) this process used so far.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func testDeleteQueue(b *testBundle, queue string) { testDelete(b, queue) }

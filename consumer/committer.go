@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/warrenmq/warren/inbox"
@@ -75,6 +76,8 @@ type committer struct {
 	jobs  chan *job
 	stmts stmtCache
 	done  chan struct{}
+	// commitTime is a moving average of the commit time (nanoseconds).
+	commitTime atomic.Int64
 }
 
 func newCommitter(base context.Context, db *dbsql.DB, h Handler, timeout time.Duration, maxBatch int, log *slog.Logger) *committer {
@@ -103,29 +106,79 @@ func (c *committer) close() {
 func (c *committer) loop() {
 	defer close(c.done)
 	batch := make([]*job, 0, c.maxBatch)
+	var (
+		released int       // jobs the last batch released
+		lastEnd  time.Time // when it ended
+	)
 	for {
 		j, ok := <-c.jobs
 		if !ok {
 			return
 		}
 		batch = append(batch[:0], j)
-	gather:
-		for len(batch) < c.maxBatch {
-			select {
-			case j, ok := <-c.jobs:
-				if !ok {
+		open := c.drain(&batch)
+		// Group commit: the deliveries the last batch released are on
+		// their way back (ack, next delivery, parse). When this batch
+		// would be short of them, wait a moment for them rather than pay
+		// a commit for a part of them. Never after a pause: then the
+		// first delivery goes at once.
+		if wait := c.groupWait(); open && time.Since(lastEnd) < wait {
+			want := min(c.maxBatch, len(batch)+released)
+			deadline := time.NewTimer(wait)
+		gather:
+			for len(batch) < want {
+				select {
+				case j, ok := <-c.jobs:
+					if !ok {
+						break gather
+					}
+					batch = append(batch, j)
+					if !c.drain(&batch) {
+						break gather
+					}
+				case <-deadline.C:
 					break gather
 				}
-				batch = append(batch, j)
-			default:
-				break gather
 			}
+			deadline.Stop()
 		}
+		released = len(batch)
 		for len(batch) > 0 {
 			batch = c.run(batch)
 		}
+		lastEnd = time.Now()
 	}
 }
+
+// drain appends the jobs that are ready, up to maxBatch. It returns false
+// when the jobs channel is closed.
+func (c *committer) drain(batch *[]*job) bool {
+	for len(*batch) < c.maxBatch {
+		select {
+		case j, ok := <-c.jobs:
+			if !ok {
+				return false
+			}
+			*batch = append(*batch, j)
+		default:
+			return true
+		}
+	}
+	return true
+}
+
+// groupWait is how long the committer waits for the deliveries its last
+// batch released: as long as a commit takes lately (waiting that long
+// costs no more than the commit it saves), within bounds.
+func (c *committer) groupWait() time.Duration {
+	return min(max(time.Duration(c.commitTime.Load()), minGroupWait), maxGroupWait)
+}
+
+// Bounds of the group commit wait.
+const (
+	minGroupWait = 100 * time.Microsecond
+	maxGroupWait = 5 * time.Millisecond
+)
 
 const (
 	savepoint  = `SAVEPOINT warren_job`
@@ -142,15 +195,10 @@ func (c *committer) run(batch []*job) []*job {
 		c.failAll(batch, fmt.Errorf("inbox: begin: %w", err))
 		return nil
 	}
-	x := txExec{tx: tx, cache: &c.stmts}
+	x := &txExec{tx: tx, cache: &c.stmts}
 	results := make([]jobResult, len(batch))
 	for i, j := range batch {
-		if _, err := x.ExecContext(ctx, savepoint); err != nil {
-			_ = tx.Rollback()
-			c.failAll(batch, fmt.Errorf("inbox: savepoint: %w", err))
-			return nil
-		}
-		res, keep, abandoned := c.runJob(ctx, tx, x, j)
+		res, abandoned, err := c.runJob(ctx, tx, x, j)
 		if abandoned {
 			// The handler still runs and may use tx: end it, so it
 			// cannot, and run the others again in a new transaction.
@@ -158,29 +206,19 @@ func (c *committer) run(batch []*job) []*job {
 			j.done <- res
 			return append(batch[:i:i], batch[i+1:]...)
 		}
-		if !keep {
-			_, err = x.ExecContext(ctx, rollbackTo)
-		}
-		if err == nil {
-			_, err = x.ExecContext(ctx, release)
-		}
 		if err != nil {
 			_ = tx.Rollback()
-			c.failAll(batch, fmt.Errorf("inbox: end savepoint (did the handler end the transaction?): %w", err))
+			c.failAll(batch, err)
 			return nil
-		}
-		if res.outcome == outcomeFailed && j.kind == jobHandle && !keep {
-			// Record the failure in the same transaction, after the
-			// handler's writes were rolled back.
-			if err := inbox.RecordFailure(ctx, x, &j.d.Delivery, j.d.Attempt, res.err, j.failStatus); err != nil {
-				c.log.Error("inbox: cannot record a failed attempt", "message_id", j.d.MessageID, "error", err)
-			} else {
-				res.recorded = true
-			}
 		}
 		results[i] = res
 	}
-	if err := tx.Commit(); err != nil {
+	tc := time.Now()
+	err = tx.Commit()
+	took := time.Since(tc)
+	// A moving average of the commit time, for the group commit wait.
+	c.commitTime.Store((3*c.commitTime.Load() + int64(took)) / 4)
+	if err != nil {
 		c.failAll(batch, fmt.Errorf("inbox: commit: %w", err))
 		return nil
 	}
@@ -190,33 +228,71 @@ func (c *committer) run(batch []*job) []*job {
 	return nil
 }
 
-// runJob runs j under the savepoint. keep says whether its writes stay
-// (release) or go (rollback to the savepoint).
-func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x inbox.Execer, j *job) (res jobResult, keep, abandoned bool) {
-	switch j.kind {
-	case jobRecord:
+// runJob runs j in tx. A job that runs the application's handler runs
+// under a savepoint: a failure rolls back to it, undoing the handler's
+// writes and the inbox claim, and the failure is recorded instead. The
+// other jobs are single statements, atomic by themselves. err is a
+// failure of the transaction itself: the batch is lost.
+func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job) (res jobResult, abandoned bool, err error) {
+	if j.kind == jobRecord {
 		if err := j.record(ctx, x); err != nil {
-			return jobResult{outcome: outcomeFailed, err: err}, false, false
+			return jobResult{outcome: outcomeFailed, err: err}, false, nil
 		}
-		return jobResult{outcome: outcomeOK}, true, false
+		return jobResult{outcome: outcomeOK}, false, nil
 	}
+	_, builtin := c.handler.(builtinHandler)
+	if !builtin {
+		if _, err := x.ExecContext(ctx, savepoint); err != nil {
+			return jobResult{}, false, fmt.Errorf("inbox: savepoint: %w", err)
+		}
+	}
+	res, abandoned = c.handle(ctx, tx, x, j, builtin)
+	if abandoned || builtin {
+		return res, abandoned, nil
+	}
+	if res.outcome == outcomeFailed {
+		_, err = x.ExecContext(ctx, rollbackTo)
+	}
+	if err == nil {
+		_, err = x.ExecContext(ctx, release)
+	}
+	if err != nil {
+		return jobResult{}, false, fmt.Errorf("inbox: end savepoint (did the handler end the transaction?): %w", err)
+	}
+	if res.outcome == outcomeFailed {
+		// Record the failure in the same transaction, after the handler's
+		// writes were rolled back.
+		if err := inbox.RecordFailure(ctx, x, &j.d.Delivery, j.d.Attempt, res.err, j.failStatus); err != nil {
+			c.log.Error("inbox: cannot record a failed attempt", "message_id", j.d.MessageID, "error", err)
+		} else {
+			res.recorded = true
+		}
+	}
+	return res, false, nil
+}
+
+// handle claims the delivery and runs the handler.
+func (c *committer) handle(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, builtin bool) (jobResult, bool) {
 	fresh, err := inbox.MarkProcessed(ctx, x, &j.d.Delivery, j.d.Attempt)
 	if err != nil {
-		return jobResult{outcome: outcomeFailed, err: err}, false, false
+		return jobResult{outcome: outcomeFailed, err: err}, false
 	}
 	if !fresh {
 		if err := inbox.RecordDuplicate(ctx, x, j.d.Consumer, j.d.MessageID); err != nil {
 			c.log.Warn("inbox: cannot count a duplicate", "message_id", j.d.MessageID, "error", err)
 		}
-		return jobResult{outcome: outcomeDuplicate}, true, false
+		return jobResult{outcome: outcomeDuplicate}, false
+	}
+	if builtin {
+		return jobResult{outcome: outcomeOK}, false // its Handle does nothing
 	}
 	start := time.Now()
-	err, abandoned = c.callHandler(tx, j.d)
-	res = jobResult{outcome: outcomeOK, err: err, took: time.Since(start)}
+	err, abandoned := c.callHandler(tx, j.d)
+	res := jobResult{outcome: outcomeOK, err: err, took: time.Since(start)}
 	if err != nil {
 		res.outcome = outcomeFailed
 	}
-	return res, err == nil, abandoned
+	return res, abandoned
 }
 
 // callHandler runs the handler with the handler timeout, turning a panic
@@ -290,16 +366,25 @@ func (s *stmtCache) close() {
 }
 
 // txExec is an inbox.Execer on a transaction that uses the cached
-// statements.
+// statements, bound to the transaction once per query.
 type txExec struct {
 	tx    *dbsql.Tx
 	cache *stmtCache
+	bound map[string]*dbsql.Stmt
 }
 
-func (x txExec) ExecContext(ctx context.Context, query string, args ...any) (dbsql.Result, error) {
-	st, err := x.cache.get(ctx, query)
-	if err != nil {
-		return x.tx.ExecContext(ctx, query, args...)
+func (x *txExec) ExecContext(ctx context.Context, query string, args ...any) (dbsql.Result, error) {
+	st, ok := x.bound[query]
+	if !ok {
+		prepared, err := x.cache.get(ctx, query)
+		if err != nil {
+			return x.tx.ExecContext(ctx, query, args...)
+		}
+		st = x.tx.StmtContext(ctx, prepared)
+		if x.bound == nil {
+			x.bound = map[string]*dbsql.Stmt{}
+		}
+		x.bound[query] = st
 	}
-	return x.tx.StmtContext(ctx, st).ExecContext(ctx, args...)
+	return st.ExecContext(ctx, args...)
 }

@@ -13,8 +13,11 @@ import (
 
 // Defaults of Config.
 const (
-	// DefaultConcurrency is how many deliveries are handled at once.
-	DefaultConcurrency = 8
+	// DefaultConcurrency is how many deliveries are in flight at once. The
+	// inbox rows of the deliveries in flight commit together, so this is
+	// also the largest commit batch: with fewer, each delivery pays a
+	// larger share of an fsync.
+	DefaultConcurrency = 32
 	// DefaultHandlerTimeout bounds one handler run.
 	DefaultHandlerTimeout = 30 * time.Second
 	// DefaultMaxAttempts is how many handler runs a delivery gets before it

@@ -408,10 +408,13 @@ func (c *Consumer) deliver(d *Delivery) error {
 		}
 	}
 	for immediate := 0; ; immediate++ {
+		// A failure is recorded retrying: the row becomes poisoned only
+		// once the poison queue confirmed the copy (until then a
+		// redelivery must still count this run).
 		failStatus := inbox.StatusRetrying
 		lastTry := d.Attempt >= c.cfg.MaxAttempts
 		dropping := c.cfg.AutoAck && immediate >= c.cfg.immediateRetries()
-		if lastTry || dropping {
+		if dropping {
 			failStatus = inbox.StatusPoisoned
 		}
 		res := c.run(d, failStatus)
@@ -443,7 +446,7 @@ func (c *Consumer) deliver(d *Delivery) error {
 			c.poisonedHook(ReasonAutoAck)
 			return nil
 		case lastTry:
-			return c.poison(d, ReasonMaxAttempts, d.Attempt, res.err, true)
+			return c.poison(d, ReasonMaxAttempts, d.Attempt, res.err, false)
 		case immediate < c.cfg.immediateRetries():
 			c.log.Debug("handler failed; retrying at once", "message_id", d.MessageID, "attempt", d.Attempt, "error", res.err)
 			d.Attempt++
@@ -572,8 +575,14 @@ func (c *Consumer) poison(d *Delivery, reason string, attempts int, cause error,
 		return c.requeue(err)
 	}
 	if !recorded && d.MessageID != "" {
+		// last_error: the handler's last error when it ran out of
+		// attempts, else the reason with its detail.
 		detail := reason
-		if cause != nil && cause.Error() != "" {
+		switch {
+		case cause == nil || cause.Error() == "":
+		case reason == ReasonMaxAttempts:
+			detail = cause.Error()
+		default:
 			detail = reason + ": " + cause.Error()
 		}
 		keepBody := reasonKind(reason) != ReasonTooLarge
@@ -629,8 +638,13 @@ func (c *Consumer) publish(msg *message.Message) error {
 }
 
 // requeue makes the Router nack the delivery with requeue, after a pause so
-// that broker or database trouble does not spin.
+// that broker or database trouble does not spin. Under AutoAck the
+// delivery was acked already: it is lost, and said so.
 func (c *Consumer) requeue(err error) error {
+	if c.cfg.AutoAck {
+		c.log.Error("delivery lost (auto_ack): it was acked before it could be handled", "error", err)
+		return nil
+	}
 	if !c.aborting.Load() {
 		select {
 		case <-time.After(failureBackoff):

@@ -50,7 +50,8 @@ func TestRetriesThenPoisonThenRedrive(t *testing.T) {
 	b.publish(t, publisher.ExchangeName(b.producer), "company.updated", ev)
 
 	poison := publisher.PoisonQueueName(b.name)
-	require.Eventually(t, func() bool { return b.depth(t, poison) == 1 }, 15*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return b.counts.poisoned.Load() == 1 }, 15*time.Second, 20*time.Millisecond)
+	require.Equal(t, 1, b.depth(t, poison))
 
 	// The attempts came at the configured delays; the last one repeats.
 	mu.Lock()

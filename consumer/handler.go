@@ -55,7 +55,17 @@ type Preparer interface {
 
 // Inbox is the audit-only handler: it does nothing more than the inbox row
 // the consumer records itself.
-var Inbox Handler = HandlerFunc(func(context.Context, *dbsql.Tx, *Delivery) error { return nil })
+var Inbox Handler = inboxHandler{}
+
+type inboxHandler struct{}
+
+func (inboxHandler) Handle(context.Context, *dbsql.Tx, *Delivery) error { return nil }
+func (inboxHandler) builtin()                                           {}
+
+// builtinHandler marks this package's handlers, whose Handle does nothing:
+// the committer records their deliveries without a savepoint or a
+// goroutine for the handler.
+type builtinHandler interface{ builtin() }
 
 // httpSink POSTs each delivery as the contract's JSON.
 type httpSink struct {
@@ -118,3 +128,5 @@ func (s *httpSink) Prepare(ctx context.Context, d *Delivery) error {
 
 // Handle does nothing more: the consumer records the inbox row.
 func (s *httpSink) Handle(context.Context, *dbsql.Tx, *Delivery) error { return nil }
+
+func (s *httpSink) builtin() {}

@@ -128,6 +128,20 @@ func (d *Delivery) setProperties(p Properties) {
 	}
 }
 
+// storedProperties is the properties column: the AMQP properties that have
+// no column of their own, with the contract's JSON names, empty ones left
+// out.
+type storedProperties struct {
+	ContentEncoding string `json:"contentEncoding,omitempty"`
+	CorrelationID   string `json:"correlationId,omitempty"`
+	DeliveryMode    uint8  `json:"deliveryMode,omitempty"`
+	Expiration      string `json:"expiration,omitempty"`
+	Priority        uint8  `json:"priority,omitempty"`
+	ReplyTo         string `json:"replyTo,omitempty"`
+	UserID          string `json:"userId,omitempty"`
+	Timestamp       int64  `json:"timestamp,omitempty"`
+}
+
 // Execer runs a statement: a *sql.Tx (the handler's transaction) or a
 // *sql.DB (the statement then commits on its own, as a short transaction).
 type Execer interface {
@@ -174,7 +188,11 @@ func rowArgs(d *Delivery, status Status, attempts int, lastError string, body an
 			return nil, fmt.Errorf("inbox: encode headers of %s: %w", d.MessageID, err)
 		}
 	}
-	props, err := json.Marshal(d.Properties())
+	props, err := json.Marshal(storedProperties{
+		ContentEncoding: d.ContentEncoding, CorrelationID: d.CorrelationID, DeliveryMode: d.DeliveryMode,
+		Expiration: d.Expiration, Priority: d.Priority, ReplyTo: d.ReplyTo, UserID: d.UserID,
+		Timestamp: d.Properties().Timestamp,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("inbox: encode properties of %s: %w", d.MessageID, err)
 	}

@@ -36,8 +36,9 @@ CREATE TABLE warren_inbox (
     aggregate_version INTEGER,
     content_type      TEXT    NOT NULL DEFAULT '',
     headers           TEXT    NOT NULL DEFAULT '{}',
-    -- the AMQP properties as received, a JSON object in the contract's
-    -- "delivery as JSON" shape (correlationId, timestamp, ...), so that
+    -- the AMQP properties without a column of their own, as received: a
+    -- JSON object with the contract's "delivery as JSON" names
+    -- (correlationId, timestamp, ...; empty ones left out), so that
     -- `warren inbox show` prints the delivery whole
     properties        TEXT    NOT NULL DEFAULT '{}',
     body              BLOB,
