@@ -24,14 +24,16 @@ import (
 // the same queue type and the same prefetch, on queues holding
 // WARREN_BENCH_MESSAGES messages (default 100,000). Both queues are filled
 // first, then drained back to back, WARREN_BENCH_ROUNDS times (default 1);
-// the figures are the medians.
+// the figures are the medians. WARREN_BENCH_CONCURRENCY (default
+// DefaultConcurrency) and WARREN_BENCH_PREFETCH (default twice the
+// concurrency) set the consumer's; the raw consumer gets the same prefetch.
 //
 //	go test -run '^$' -bench Consume -benchtime 1x ./consumer
 func BenchmarkConsume(b *testing.B) {
 	n := envInt(b, "WARREN_BENCH_MESSAGES", 100_000)
 	concurrency := envInt(b, "WARREN_BENCH_CONCURRENCY", consumer.DefaultConcurrency)
 	rounds := envInt(b, "WARREN_BENCH_ROUNDS", 1)
-	prefetch := 2 * concurrency
+	prefetch := envInt(b, "WARREN_BENCH_PREFETCH", 2*concurrency)
 	for range b.N {
 		var raws, warrens, ratios []float64
 		for range rounds {

@@ -144,9 +144,7 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("consumer %s: %w", c.cfg.Consumer, err)
 	}
 
-	wlog := watermill.NewSlogLoggerWithLevelMapping(c.log, map[slog.Level]slog.Level{
-		slog.LevelInfo: slog.LevelDebug, // watermill's per-handler chatter
-	})
+	wlog := watermillLogger{c.log}
 	var builder *TopologyBuilder
 	var sub *wamqp.Subscriber
 	builder = NewTopologyBuilder(c.cfg, func() *amqp.Connection {
