@@ -36,8 +36,8 @@ const (
 	outcomeFailed
 )
 
-// job is one unit of work for the committer, run under a savepoint of its
-// own in a shared transaction.
+// job is one unit of work for the committer, run in the transaction it
+// shares with the rest of its batch.
 type job struct {
 	kind jobKind
 	d    *Delivery
@@ -58,9 +58,9 @@ type jobResult struct {
 }
 
 // committer runs jobs in batches: one BEGIN IMMEDIATE transaction, a
-// savepoint per job (a failing job is rolled back to its savepoint and
-// does not undo the others), one COMMIT, then every job's result is
-// released. SQLite has one writer and warren commits with
+// savepoint per run of the application's handler (a failing one is rolled
+// back to its savepoint and does not undo the others), one COMMIT, then
+// every job's result is released. SQLite has one writer and warren commits with
 // synchronous=FULL, so one fsync per batch instead of one per delivery is
 // where the throughput comes from.
 type committer struct {

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/warrenmq/warren/publisher"
 )
 
@@ -29,6 +31,13 @@ const (
 	// DefaultMaxBodyBytes is the largest body handled; a larger one is
 	// poisoned with reason too-large.
 	DefaultMaxBodyBytes = 1 << 20
+	// DefaultRetention is how long processed inbox rows are kept.
+	DefaultRetention = 30 * 24 * time.Hour
+	// DefaultPruneInterval is how often the consumer prunes its inbox.
+	DefaultPruneInterval = time.Hour
+	// DefaultProbeWait is how long Ready waits for the database's write
+	// lock.
+	DefaultProbeWait = time.Second
 )
 
 // DefaultRetryDelays are the delays of the retry queues, by retry: the
@@ -147,6 +156,29 @@ type Config struct {
 	// Hooks report deliveries, duplicates, retries and poisonings for
 	// metrics. Default: none.
 	Hooks Hooks
+	// Metrics, if set, counts this consumer's deliveries in the
+	// contract's Prometheus metrics (see NewMetrics; Hooks still run) and
+	// adds Watermill's router metrics. Default: none.
+	Metrics *Metrics
+	// TracerProvider makes the spans of handler runs, which continue the
+	// trace of each delivery's traceparent header. Default: OpenTelemetry's
+	// global provider (otel.GetTracerProvider), which makes none until the
+	// application sets one.
+	TracerProvider trace.TracerProvider
+	// Retention is how long the consumer's processed inbox rows are kept:
+	// the consumer deletes older ones (inbox.Prune, in short batches) when
+	// it starts and then every PruneInterval. Retrying and poisoned rows
+	// are kept. A message id whose row was pruned is no longer
+	// deduplicated. Negative keeps them forever. Default DefaultRetention
+	// (30 days).
+	Retention time.Duration
+	// PruneInterval is how often the consumer prunes its inbox. Default
+	// DefaultPruneInterval (1h).
+	PruneInterval time.Duration
+	// ProbeWait is how long Ready waits for the database's write lock
+	// before it reports the database as not writable. Default
+	// DefaultProbeWait (1s).
+	ProbeWait time.Duration
 }
 
 // WithDefaults returns a copy of c with every zero field set to its default.
@@ -178,6 +210,15 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if c.Retention == 0 {
+		c.Retention = DefaultRetention
+	}
+	if c.PruneInterval == 0 {
+		c.PruneInterval = DefaultPruneInterval
+	}
+	if c.ProbeWait == 0 {
+		c.ProbeWait = DefaultProbeWait
 	}
 	from := make([]Subscription, len(c.From))
 	for i, s := range c.From {
@@ -245,6 +286,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("consumer expiration is %s: use 0 for none, or a positive duration", c.Expiration)
 	case c.MaxBodyBytes < -1:
 		return fmt.Errorf("consumer max body bytes is %d: use -1 for no limit, or a size", c.MaxBodyBytes)
+	case c.PruneInterval < 0:
+		return fmt.Errorf("consumer prune interval is %s: it must be positive", c.PruneInterval)
+	case c.ProbeWait < 0:
+		return fmt.Errorf("consumer probe wait is %s: it must be positive", c.ProbeWait)
 	}
 	for i, d := range c.RetryDelays {
 		if d < time.Millisecond {

@@ -69,6 +69,7 @@ type Consumer struct {
 	autoAckCh chan struct{} // bounds concurrency under AutoAck
 	cancelRun context.CancelFunc
 	routerOut chan error
+	pruner    *pruner // prunes the inbox (Config.Retention)
 }
 
 // New validates cfg and returns a Consumer for handler (Inbox for an
@@ -82,13 +83,17 @@ func New(cfg Config, handler Handler) (*Consumer, error) {
 	if handler == nil {
 		return nil, errors.New("consumer handler is nil: use consumer.Inbox for an audit-only consumer")
 	}
-	return &Consumer{
+	c := &Consumer{
 		cfg:     cfg,
-		handler: handler,
+		handler: traced(handler, cfg.TracerProvider, cfg.Consumer),
 		log:     cfg.Logger.With("consumer", cfg.Consumer),
 		stopped: make(chan struct{}),
 		stopReq: make(chan struct{}),
-	}, nil
+	}
+	if cfg.Metrics != nil {
+		cfg.Metrics.attach(c)
+	}
+	return c, nil
 }
 
 // Config returns the consumer's configuration, defaults filled in.
@@ -144,7 +149,7 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("consumer %s: %w", c.cfg.Consumer, err)
 	}
 
-	wlog := watermillLogger{c.log}
+	wlog := newConnLogger(watermillLogger{c.log}, c.log, publisher.RedactURL(c.cfg.Connection.URL))
 	var builder *TopologyBuilder
 	var sub *wamqp.Subscriber
 	builder = NewTopologyBuilder(c.cfg, func() *amqp.Connection {
@@ -203,6 +208,9 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 		c.teardown()
 		return err
 	}
+	if c.cfg.Metrics != nil {
+		c.cfg.Metrics.router.instrument(router)
+	}
 	for i := range c.cfg.Concurrency {
 		router.AddConsumerHandler(fmt.Sprintf("warren-%s-%d", c.cfg.Consumer, i), queue, sub, c.handle)
 	}
@@ -225,6 +233,7 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 		c.teardown()
 		return fmt.Errorf("consumer %s: start: %w", c.cfg.Consumer, ctx.Err())
 	}
+	c.pruner = c.startPruner()
 	go c.watch()
 	c.log.Info("consumer started", "queue", queue, "concurrency", c.cfg.Concurrency, "prefetch", c.cfg.Prefetch,
 		"queue_type", string(c.cfg.QueueType), "url", publisher.RedactURL(c.cfg.Connection.URL))
@@ -256,6 +265,7 @@ func (c *Consumer) watch() {
 
 // teardown closes the subscriber, the committer and the publisher.
 func (c *Consumer) teardown() {
+	c.pruner.stop()
 	if c.sub != nil {
 		_ = c.sub.Close()
 	}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
+
 	"github.com/warrenmq/warren/inbox"
 )
 
@@ -109,6 +111,7 @@ func (s *httpSink) Prepare(ctx context.Context, d *Delivery) error {
 	req.Header.Set("Warren-Message-Id", d.MessageID)
 	req.Header.Set("Warren-Consumer", d.Consumer)
 	req.Header.Set("Warren-Attempt", fmt.Sprint(d.Attempt))
+	propagation.TraceContext{}.Inject(ctx, propagation.HeaderCarrier(req.Header)) // the delivery's trace, when traced
 	start := time.Now()
 	resp, err := s.client.Do(req)
 	if err != nil {
