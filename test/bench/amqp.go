@@ -47,8 +47,19 @@ func (b *bench) exchange(name string) error {
 // the kind of queue a warren consumer gets by default. The returned func
 // deletes it (it is deleted at the end of the run too).
 func (b *bench) quorumQueue(name, exchange string) (func(), error) {
+	return b.boundedQueue(name, exchange, 0)
+}
+
+// boundedQueue is quorumQueue holding at most maxLen messages (0: no
+// limit): beyond it the broker drops the oldest (x-overflow drop-head).
+func (b *bench) boundedQueue(name, exchange string, maxLen int) (func(), error) {
+	args := amqp.Table{amqp.QueueTypeArg: amqp.QueueTypeQuorum}
+	if maxLen > 0 {
+		args[amqp.QueueMaxLenArg] = int64(maxLen)
+		args[amqp.QueueOverflowArg] = amqp.QueueOverflowDropHead
+	}
 	err := b.onChannel(func(ch *amqp.Channel) error {
-		if _, err := ch.QueueDeclare(name, true, false, false, false, amqp.Table{amqp.QueueTypeArg: amqp.QueueTypeQuorum}); err != nil {
+		if _, err := ch.QueueDeclare(name, true, false, false, false, args); err != nil {
 			return err
 		}
 		return ch.QueueBind(name, "#", exchange, false, nil)

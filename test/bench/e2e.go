@@ -189,7 +189,7 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 	res.CPU = m.stop()
 
 	// Every row is marked published shortly after its confirm.
-	if err := waitDrained(ctx, app, 1, n, newBar(n, "4 waiting for the last marks"), p.done, 30*time.Second); err != nil {
+	if _, err := waitDrained(ctx, app, 1, n, newBar(n, "4 waiting for the last marks"), p.done, 30*time.Second); err != nil {
 		return res, err
 	}
 	published, err := publishedAt(ctx, app)

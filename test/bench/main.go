@@ -59,7 +59,7 @@ var (
 		Limit: 100_000, Drain: 100_000, Consume: 100_000,
 		E2ERate: 1000, E2EDuration: 30 * time.Second,
 		Peer:        100_000,
-		GrowthSmall: 10_000, GrowthLarge: 1_000_000, SmallRuns: 3,
+		GrowthSmall: 10_000, GrowthLarge: 1_000_000, SmallRuns: 5,
 	}
 	quickSizes = sizes{
 		Limit: 20_000, Drain: 20_000, Consume: 20_000,
@@ -139,6 +139,8 @@ func main() {
 	ctx, cancel := context.WithCancel(context.Background())
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	// A closed stdout (| head) must not kill the bench before it cleans up.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	go func() {
 		<-sigs
 		fmt.Fprintln(os.Stderr, "\nbench: interrupted; cleaning up (press Ctrl-C again to quit at once)")
@@ -189,7 +191,7 @@ func run(ctx context.Context, o options) (err error) {
 			r.limits = append(r.limits, l)
 		}
 		if o.runs(2) {
-			d, err := b.relayDrain(ctx, o.sizes.Drain, "2 relay drain"+round)
+			d, err := b.relayDrain(ctx, o.sizes.Drain, "2 relay drain"+round, 0)
 			if err != nil {
 				return fmt.Errorf("figure 2 (relay drain): %w", err)
 			}

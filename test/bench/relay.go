@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"slices"
 	"time"
@@ -36,6 +37,8 @@ func (r rate) PerSec() float64 {
 type drain struct {
 	rate
 	HWMKiB int // the relay process's peak resident memory (VmHWM)
+	// First and Last are the rates over rows 10-20% and 80-90%.
+	First, Last float64
 }
 
 // producer is the run's producing application; its exchange is
@@ -85,7 +88,7 @@ func (b *bench) limit(ctx context.Context, n int, round string) (rate, error) {
 // relayDrain runs `warren relay` as its own process on a database holding
 // n unpublished rows and returns the time from its "relay started" line to
 // the last row's published_at, and its peak resident memory.
-func (b *bench) relayDrain(ctx context.Context, n int, label string) (drain, error) {
+func (b *bench) relayDrain(ctx context.Context, n int, label string, maxQueue int) (drain, error) {
 	producer, err := b.producer(ctx)
 	if err != nil {
 		return drain{}, err
@@ -101,7 +104,7 @@ func (b *bench) relayDrain(ctx context.Context, n int, label string) (drain, err
 		return drain{}, err
 	}
 	queue := b.name(fmt.Sprintf("drain-%d", k))
-	del, err := b.quorumQueue(queue, publisher.ExchangeName(producer))
+	del, err := b.boundedQueue(queue, publisher.ExchangeName(producer), maxQueue)
 	if err != nil {
 		return drain{}, err
 	}
@@ -128,7 +131,7 @@ func (b *bench) relayDrain(ctx context.Context, n int, label string) (drain, err
 	pid := p.cmd.Process.Pid
 	m := b.meter(pid)
 	bar := newBar(n, label)
-	err = waitDrained(ctx, ro, first, n, bar, p.done, 10*time.Minute)
+	prog, err := waitDrained(ctx, ro, first, n, bar, p.done, 30*time.Minute)
 	_ = bar.Finish()
 	if err != nil {
 		return drain{}, fmt.Errorf("%w\nrelay output:\n%s", err, p.output())
@@ -142,11 +145,17 @@ func (b *bench) relayDrain(ctx context.Context, n int, label string) (drain, err
 	if err := p.stop(30 * time.Second); err != nil {
 		return drain{}, fmt.Errorf("stop relay: %w\n%s", err, p.output())
 	}
-	if _, err := b.waitDepth(ctx, queue, n, 30*time.Second, nil); err != nil {
+	inQueue := n
+	if maxQueue > 0 {
+		inQueue = min(n, maxQueue)
+	}
+	if _, err := b.waitDepth(ctx, queue, inQueue, 30*time.Second, nil); err != nil {
 		return drain{}, err
 	}
 	d := drain{rate: rate{N: n, Took: end.Sub(start), CPU: cpu}, HWMKiB: hwm}
-	b.logf("%s: %d rows in %s: %.0f events/s, peak RSS %.1f MiB (%s)", label, n, d.Took.Round(time.Millisecond), d.PerSec(), float64(hwm)/1024, cpu)
+	d.First, d.Last = prog.pace(n)
+	b.logf("%s: %d rows in %s: %.0f events/s (%.0f/s over rows 10-20%%, %.0f/s over rows 80-90%%), peak RSS %.1f MiB (%s)",
+		label, n, d.Took.Round(time.Millisecond), d.PerSec(), d.First, d.Last, float64(hwm)/1024, cpu)
 	return d, nil
 }
 
@@ -166,28 +175,64 @@ func minUnpublished(ctx context.Context, db *sql.DB) (int64, error) {
 	return seq, nil
 }
 
+// progress is a drain's position over time: rows before the lowest
+// unpublished one.
+type progress struct {
+	at   []time.Time
+	done []int
+}
+
+// pace returns the drain rate over the first and the last tenth of the
+// rows, to tell a relay that slows down as it goes from fixed costs at
+// the start and the end.
+func (p *progress) pace(n int) (first, last float64) {
+	rate := func(from, to int) float64 {
+		var t0, t1 time.Time
+		var d0, d1 int
+		for i, d := range p.done {
+			if t0.IsZero() && d >= from {
+				t0, d0 = p.at[i], d
+			}
+			if d >= to {
+				t1, d1 = p.at[i], d
+				break
+			}
+		}
+		if t0.IsZero() || t1.IsZero() || !t1.After(t0) {
+			return 0
+		}
+		return float64(d1-d0) / t1.Sub(t0).Seconds()
+	}
+	return rate(n/10, n/5), rate(n*8/10, n*9/10)
+}
+
 // waitDrained polls every 50ms until no row is unpublished.
-func waitDrained(ctx context.Context, ro *sql.DB, first int64, n int, bar *progressbar.ProgressBar, exited <-chan struct{}, timeout time.Duration) error {
+func waitDrained(ctx context.Context, ro *sql.DB, first int64, n int, bar *progressbar.ProgressBar, exited <-chan struct{}, timeout time.Duration) (*progress, error) {
+	p := &progress{}
 	deadline := time.Now().Add(timeout)
 	for {
 		seq, err := minUnpublished(ctx, ro)
 		if err != nil {
-			return err
+			return p, err
 		}
+		done := n
+		if seq != 0 {
+			done = int(seq - first)
+		}
+		p.at, p.done = append(p.at, time.Now()), append(p.done, done)
+		_ = bar.Set(done)
 		if seq == 0 {
-			_ = bar.Set(n)
-			return nil
+			return p, nil
 		}
-		_ = bar.Set(int(seq - first))
 		if time.Now().After(deadline) {
-			return fmt.Errorf("rows from seq %d on still unpublished after %s", seq, timeout)
+			return p, fmt.Errorf("rows from seq %d on still unpublished after %s", seq, timeout)
 		}
 		select {
 		case <-time.After(50 * time.Millisecond):
 		case <-exited:
-			return errors.New("the relay exited before the backlog was published")
+			return p, errors.New("the relay exited before the backlog was published")
 		case <-ctx.Done():
-			return ctx.Err()
+			return p, ctx.Err()
 		}
 	}
 }
@@ -268,20 +313,44 @@ func (b *bench) profileDrain(ctx context.Context, n int, dir string) (string, er
 	go func() { defer close(exited); _ = r.Run(rctx) }()
 	start := time.Now()
 	stopSampling := sample(func() int { return pub.Stats().Outstanding })
+	// The heap half way through the drain, after a collection.
+	heapDone := make(chan struct{})
+	go func() {
+		defer close(heapDone)
+		for {
+			seq, err := minUnpublished(ctx, ro)
+			if err != nil || seq == 0 || seq-first >= int64(n/2) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		runtime.GC()
+		if hf, err := os.Create(filepath.Join(dir, "relay-heap.pprof")); err == nil {
+			_ = pprof.Lookup("heap").WriteTo(hf, 0)
+			_ = hf.Close()
+		}
+	}()
 	bar := newBar(n, "2 relay drain, in process, profiled")
-	err = waitDrained(ctx, ro, first, n, bar, exited, 10*time.Minute)
+	_, err = waitDrained(ctx, ro, first, n, bar, exited, 30*time.Minute)
 	_ = bar.Finish()
 	took := time.Since(start)
 	outstanding := stopSampling()
 	pprof.StopCPUProfile()
+	<-heapDone
 	stop()
 	<-exited
 	if err != nil {
 		return "", err
 	}
-	b.logf("figure 2, profiled in process: %d rows in %s (%.0f events/s), %.0f awaiting their confirm on average; CPU profile in %s (go tool pprof -top %s)", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), outstanding, file, file)
+	b.logf("figure 2, profiled in process: %d rows in %s (%.0f events/s), %.0f awaiting their confirm on average; CPU profile in %s (go tool pprof -top %s), heap profile next to it", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), outstanding, file, file)
 	return file, nil
 }
+
+// growthQueue bounds the queue of the growth drains: the broker drops the
+// oldest messages beyond it, so that at either backlog the relay publishes
+// into a queue of the same depth and only the outbox grows. Without it the
+// large drain measures a quorum queue growing to a million messages.
+const growthQueue = 10_000
 
 // growth is figure 6: relay drains at a small backlog (several times; the
 // median counts) and at a large one.
@@ -296,7 +365,7 @@ func (g growthResult) SmallMedian() drain { return g.Small[len(g.Small)/2] }
 func (b *bench) growth(ctx context.Context, s sizes) (growthResult, error) {
 	var g growthResult
 	for i := 0; i < s.SmallRuns; i++ {
-		d, err := b.relayDrain(ctx, s.GrowthSmall, fmt.Sprintf("6 relay drain %s (%d/%d)", count(s.GrowthSmall), i+1, s.SmallRuns))
+		d, err := b.relayDrain(ctx, s.GrowthSmall, fmt.Sprintf("6 relay drain %s (%d/%d)", count(s.GrowthSmall), i+1, s.SmallRuns), growthQueue)
 		if err != nil {
 			return g, err
 		}
@@ -311,7 +380,7 @@ func (b *bench) growth(ctx context.Context, s sizes) (growthResult, error) {
 		}
 		return 0
 	})
-	d, err := b.relayDrain(ctx, s.GrowthLarge, "6 relay drain "+count(s.GrowthLarge))
+	d, err := b.relayDrain(ctx, s.GrowthLarge, "6 relay drain "+count(s.GrowthLarge), growthQueue)
 	if err != nil {
 		return g, err
 	}
