@@ -17,9 +17,11 @@ import (
 // (message id, event type, producer, headers, body, ...) and the attempt.
 type Delivery struct {
 	inbox.Delivery
-	// Attempt is the number of this handler run, 1 for the first: runs in
-	// process, trips through retry queues and redeliveries after a crash
-	// all count.
+	// Attempt is the number of this handler run, 1 for the first. Runs in
+	// process and trips through retry queues count, and so do runs that a
+	// crash or a lost connection cut short once the inbox saw them start
+	// (on a redelivery) or fail; a delivery that was only prefetched when
+	// the consumer stopped does not.
 	Attempt int
 	// FirstFailedAt is when a handler run of this message first failed;
 	// zero on a first attempt.

@@ -245,6 +245,15 @@ func TestMalformedDeliveriesArePoisoned(t *testing.T) {
 			require.NotEmpty(t, pm.MessageID, "the poison copy gets an id of its own; its reason says it had none")
 		}
 	}
+
+	// Purge drops them.
+	require.Eventually(t, func() bool { return b.depth(t, publisher.PoisonQueueName(b.name)) == 1000 }, 5*time.Second, 10*time.Millisecond)
+	n, err := consumer.Purge(context.Background(), b.conn, b.name)
+	require.NoError(t, err)
+	require.Equal(t, 1000, n)
+	require.Zero(t, b.depth(t, publisher.PoisonQueueName(b.name)))
+	_, err = consumer.Purge(context.Background(), b.conn, "no-such-consumer")
+	require.ErrorIs(t, err, consumer.ErrTopologyMissing)
 }
 
 func TestHTTPSink(t *testing.T) {
