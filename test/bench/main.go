@@ -64,8 +64,8 @@ var (
 	quickSizes = sizes{
 		Limit: 20_000, Drain: 20_000, Consume: 20_000,
 		E2ERate: 1000, E2EDuration: 10 * time.Second,
-		Peer:        5_000,
-		GrowthSmall: 10_000, GrowthLarge: 100_000, SmallRuns: 3,
+		Peer:        3_000,
+		GrowthSmall: 10_000, GrowthLarge: 50_000, SmallRuns: 3,
 	}
 )
 
