@@ -54,6 +54,11 @@ func newConnLogger(next watermill.LoggerAdapter, log *slog.Logger, url string) w
 }
 
 func (l *connLogger) Error(msg string, err error, fields watermill.LogFields) {
+	if err != nil {
+		// watermill-amqp's errors carry a stack (pkg/errors), which a
+		// text log prints with %+v: keep the message.
+		err = plainError(err.Error())
+	}
 	s := l.st
 	now := time.Now()
 	s.mu.Lock()
@@ -68,7 +73,15 @@ func (l *connLogger) Error(msg string, err error, fields watermill.LogFields) {
 			l.log.Warn("subscription lost its connection to the broker, reconnecting", "url", l.url, "error", err)
 		}
 		return
-	case wmChannelGone, wmPrepareError:
+	case wmChannelGone:
+		// One per subscription, when the connection is lost (the lost
+		// line says it, and may come a moment later) or the broker closed
+		// the channel: the subscription opens another, and says so if
+		// that fails.
+		s.mu.Unlock()
+		l.LoggerAdapter.Debug(msg, fields)
+		return
+	case wmPrepareError:
 		lost := !s.lostSince.IsZero()
 		s.mu.Unlock()
 		if lost { // one per subscription: the lost line says it
@@ -132,3 +145,8 @@ func (l *connLogger) Info(msg string, fields watermill.LogFields) {
 func (l *connLogger) With(fields watermill.LogFields) watermill.LoggerAdapter {
 	return &connLogger{LoggerAdapter: l.LoggerAdapter.With(fields), log: l.log, url: l.url, st: l.st}
 }
+
+// plainError is an error that prints its message and nothing else.
+type plainError string
+
+func (e plainError) Error() string { return string(e) }

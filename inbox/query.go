@@ -321,18 +321,24 @@ func Stats(ctx context.Context, q Querier, consumer string) (Summary, error) {
 	return st, nil
 }
 
-// DefaultPruneBatch is the batch size of Prune when batchSize is 0.
+// DefaultPruneBatch is the largest batch Prune deletes in one transaction
+// when it is given no batch size.
 const DefaultPruneBatch = 1000
 
-// Prune deletes processed rows whose processed_at is before olderThan, in
-// batches of batchSize rows, each in a short transaction of its own so
-// writers are held up briefly. Poisoned and retrying rows are kept. It
-// returns how many rows it deleted.
+// Prune deletes the processed rows of consumer ("" for every consumer)
+// whose processed_at is before olderThan, and returns how many it deleted.
+// Poisoned and retrying rows are kept: they are the record of what failed.
+// It deletes in short transactions of at most batchSize rows (default
+// DefaultPruneBatch), fewer when a batch holds the write lock for more than
+// a few tens of milliseconds, and rests between them, so that the
+// application's writes wait for one short batch at most (see
+// sql.PruneBatches). With dryRun it deletes nothing and returns how many
+// rows it would delete.
 //
 // A pruned message id is no longer deduplicated: a redelivery of it after
 // the prune runs the handler again. Keep rows for longer than any
 // redelivery can take.
-func Prune(ctx context.Context, db *dbsql.DB, olderThan time.Time, batchSize int) (int64, error) {
+func Prune(ctx context.Context, db *dbsql.DB, consumer string, olderThan time.Time, batchSize int, dryRun bool) (int64, error) {
 	if batchSize < 0 {
 		return 0, fmt.Errorf("inbox prune: batch size %d is negative", batchSize)
 	}
@@ -340,21 +346,127 @@ func Prune(ctx context.Context, db *dbsql.DB, olderThan time.Time, batchSize int
 		batchSize = DefaultPruneBatch
 	}
 	cut := wsql.FormatTime(olderThan)
-	var total int64
-	for {
+	// One consumer's rows are read over (consumer, status,
+	// first_received_at), so that other consumers' rows, which may be kept
+	// longer, are not read again for every batch: a row processed before
+	// the cut was received before it. Every consumer's rows are read over
+	// the partial index of processed rows by processed_at.
+	from, where, args := `warren_inbox INDEXED BY warren_inbox_prune`, `status = 'processed' AND processed_at < ?`, []any{cut}
+	if consumer != "" {
+		from = `warren_inbox INDEXED BY warren_inbox_status`
+		where = `consumer = ? AND status = 'processed' AND first_received_at < ? AND processed_at < ?`
+		args = []any{consumer, cut, cut}
+	}
+	if dryRun {
+		var n int64
+		if err := db.QueryRowContext(ctx, `SELECT count(*) FROM `+from+` WHERE `+where, args...).Scan(&n); err != nil {
+			return 0, fmt.Errorf("inbox prune: count: %w", err)
+		}
+		return n, nil
+	}
+	n, err := wsql.PruneBatches(ctx, batchSize, func(ctx context.Context, limit int) (int64, error) {
 		res, err := db.ExecContext(ctx, `DELETE FROM warren_inbox WHERE (consumer, message_id) IN (
-			SELECT consumer, message_id FROM warren_inbox
-			WHERE status = 'processed' AND processed_at < ? LIMIT ?)`, cut, batchSize)
+			SELECT consumer, message_id FROM `+from+` WHERE `+where+` LIMIT ?)`, append(args, limit)...)
 		if err != nil {
-			return total, fmt.Errorf("inbox prune: %w", err)
+			return 0, err
 		}
-		n, err := res.RowsAffected()
+		return res.RowsAffected()
+	})
+	if err != nil {
+		return n, fmt.Errorf("inbox prune: %w", err)
+	}
+	return n, nil
+}
+
+// Consumers returns the consumers that have rows in the inbox, in name
+// order. It steps through the primary key, one lookup per consumer, so it
+// stays cheap however many rows there are.
+func Consumers(ctx context.Context, q Querier) ([]string, error) {
+	rows, err := q.QueryContext(ctx, `WITH RECURSIVE c(name) AS (
+			SELECT (SELECT min(consumer) FROM warren_inbox)
+			UNION ALL
+			SELECT (SELECT min(consumer) FROM warren_inbox WHERE consumer > c.name) FROM c WHERE c.name IS NOT NULL)
+		SELECT name FROM c WHERE name IS NOT NULL`)
+	if err != nil {
+		return nil, fmt.Errorf("inbox consumers: %w", err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, fmt.Errorf("inbox consumers: %w", err)
+		}
+		out = append(out, name)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("inbox consumers: %w", err)
+	}
+	return out, nil
+}
+
+// ConsumerOverview is what `warren status` shows of one consumer's inbox.
+type ConsumerOverview struct {
+	Consumer string `json:"consumer"`
+	// Retrying and Poisoned count the rows with that status.
+	Retrying int64 `json:"retrying"`
+	Poisoned int64 `json:"poisoned"`
+	// LastReceived is the latest first_received_at (zero when none).
+	LastReceived time.Time `json:"last_received,omitzero"`
+	// LastError is the error of the most recently received delivery that
+	// is retrying or poisoned now; LastErrorID is its message id and
+	// LastErrorAt when it was received. Empty when nothing is failing.
+	LastError   string    `json:"last_error,omitempty"`
+	LastErrorID string    `json:"last_error_message_id,omitempty"`
+	LastErrorAt time.Time `json:"last_error_received_at,omitzero"`
+}
+
+// Overview returns how many of consumer's rows are retrying and poisoned,
+// the last error and when the last delivery arrived. Every query reads a
+// narrow range of an index: processed rows are not counted.
+func Overview(ctx context.Context, q Querier, consumer string) (ConsumerOverview, error) {
+	st := ConsumerOverview{Consumer: consumer}
+	fail := func(err error) (ConsumerOverview, error) {
+		return ConsumerOverview{}, fmt.Errorf("inbox overview %s: %w", consumer, err)
+	}
+	var last dbsql.NullString
+	if err := q.QueryRowContext(ctx, `SELECT max(first_received_at) FROM warren_inbox WHERE consumer = ?`, consumer).Scan(&last); err != nil {
+		return fail(err)
+	}
+	if last.Valid {
+		t, err := wsql.ParseTime(last.String)
 		if err != nil {
-			return total, fmt.Errorf("inbox prune: %w", err)
+			return fail(err)
 		}
-		total += n
-		if n < int64(batchSize) {
-			return total, nil
+		st.LastReceived = t
+	}
+	for _, s := range []Status{StatusRetrying, StatusPoisoned} {
+		var n int64
+		if err := q.QueryRowContext(ctx, `SELECT count(*) FROM warren_inbox WHERE consumer = ? AND status = ?`, consumer, string(s)).Scan(&n); err != nil {
+			return fail(err)
+		}
+		if s == StatusRetrying {
+			st.Retrying = n
+		} else {
+			st.Poisoned = n
+		}
+		if n == 0 {
+			continue
+		}
+		var id, at string
+		var msg dbsql.NullString
+		err := q.QueryRowContext(ctx, `SELECT message_id, last_error, first_received_at FROM warren_inbox INDEXED BY warren_inbox_status
+			WHERE consumer = ? AND status = ? ORDER BY first_received_at DESC LIMIT 1`, consumer, string(s)).Scan(&id, &msg, &at)
+		if err != nil {
+			return fail(err)
+		}
+		t, err := wsql.ParseTime(at)
+		if err != nil {
+			return fail(err)
+		}
+		if t.After(st.LastErrorAt) || st.LastErrorID == "" {
+			st.LastError, st.LastErrorID, st.LastErrorAt = msg.String, id, t
 		}
 	}
+	return st, nil
 }

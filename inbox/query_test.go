@@ -263,7 +263,7 @@ func TestPrune(t *testing.T) {
 	b := setup(t)
 	rows := seed(t, b.db, 250)
 	// All seeded rows were processed "now"; age half of the processed ones.
-	_, err := b.db.ExecContext(ctx, `UPDATE warren_inbox SET processed_at = '2020-01-01T00:00:00.000Z'
+	_, err := b.db.ExecContext(ctx, `UPDATE warren_inbox SET first_received_at = '2020-01-01T00:00:00.000Z', processed_at = '2020-01-01T00:00:00.000Z'
 		WHERE status = 'processed' AND consumer != 'mail'`)
 	require.NoError(t, err)
 	var old, kept int64
@@ -274,16 +274,82 @@ func TestPrune(t *testing.T) {
 			kept++
 		}
 	}
-	n, err := inbox.Prune(ctx, b.db, time.Now().Add(-time.Hour), 7)
+	n, err := inbox.Prune(ctx, b.db, "", time.Now().Add(-time.Hour), 7, true)
 	require.NoError(t, err)
-	require.Equal(t, old, n)
+	require.Equal(t, old, n, "dry run counts")
 	st, err := inbox.Stats(ctx, b.db, "")
+	require.NoError(t, err)
+	require.EqualValues(t, len(rows), st.Total, "dry run deletes nothing")
+
+	var billing int64
+	for _, r := range rows {
+		if r.status == inbox.StatusProcessed && r.consumer == "billing" {
+			billing++
+		}
+	}
+	n, err = inbox.Prune(ctx, b.db, "billing", time.Now().Add(-time.Hour), 7, true)
+	require.NoError(t, err)
+	require.Equal(t, billing, n, "one consumer's rows")
+	n, err = inbox.Prune(ctx, b.db, "billing", time.Now().Add(-time.Hour), 7, false)
+	require.NoError(t, err)
+	require.Equal(t, billing, n)
+
+	n, err = inbox.Prune(ctx, b.db, "", time.Now().Add(-time.Hour), 7, false)
+	require.NoError(t, err)
+	require.Equal(t, old-billing, n)
+	st, err = inbox.Stats(ctx, b.db, "")
 	require.NoError(t, err)
 	require.Equal(t, kept, st.Total)
 	require.NotZero(t, st.ByStatus[inbox.StatusPoisoned])
 	require.NotZero(t, st.ByStatus[inbox.StatusRetrying])
 
-	n, err = inbox.Prune(ctx, b.db, time.Now().Add(-time.Hour), 0)
+	n, err = inbox.Prune(ctx, b.db, "", time.Now().Add(-time.Hour), 0, false)
 	require.NoError(t, err)
 	require.Zero(t, n)
+}
+
+func TestConsumersAndOverview(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	b := setup(t)
+	names, err := inbox.Consumers(ctx, b.db)
+	require.NoError(t, err)
+	require.Empty(t, names)
+
+	rows := seed(t, b.db, 100)
+	names, err = inbox.Consumers(ctx, b.db)
+	require.NoError(t, err)
+	require.Equal(t, []string{"audit", "billing", "mail"}, names)
+
+	var retrying, poisoned int64
+	var lastFailed seeded
+	for _, r := range rows {
+		if r.consumer != "billing" {
+			continue
+		}
+		switch r.status {
+		case inbox.StatusRetrying:
+			retrying++
+		case inbox.StatusPoisoned:
+			poisoned++
+		default:
+			continue
+		}
+		if !r.at.Before(lastFailed.at) {
+			lastFailed = r
+		}
+	}
+	st, err := inbox.Overview(ctx, b.db, "billing")
+	require.NoError(t, err)
+	require.Equal(t, retrying, st.Retrying)
+	require.Equal(t, poisoned, st.Poisoned)
+	require.Equal(t, lastFailed.at, st.LastErrorAt)
+	require.NotEmpty(t, st.LastError)
+	require.False(t, st.LastReceived.IsZero())
+
+	st, err = inbox.Overview(ctx, b.db, "nobody")
+	require.NoError(t, err)
+	require.Zero(t, st.Retrying+st.Poisoned)
+	require.Empty(t, st.LastError)
+	require.True(t, st.LastReceived.IsZero())
 }

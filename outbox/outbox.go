@@ -67,6 +67,10 @@ func AppendDB(ctx context.Context, db *sql.DB, events ...Event) ([]string, error
 // order, and returns their ids. Nothing is published until tx commits; if tx
 // rolls back, the events are gone with the business writes. On a validation
 // error nothing is inserted.
+//
+// When ctx carries an OpenTelemetry span, its W3C traceparent is stored
+// with every event whose Traceparent is empty: the relay sends it as the
+// traceparent header and the consumer's handler continues the trace.
 func (o *Outbox) Append(ctx context.Context, tx *sql.Tx, events ...Event) ([]string, error) {
 	if tx == nil {
 		return nil, fmt.Errorf("outbox append: nil transaction")
@@ -75,11 +79,13 @@ func (o *Outbox) Append(ctx context.Context, tx *sql.Tx, events ...Event) ([]str
 		return nil, nil
 	}
 	type prepared struct {
-		ev      *Event
-		id      string
-		headers string
+		ev          *Event
+		id          string
+		headers     string
+		traceparent string
 	}
 	ps := make([]prepared, len(events))
+	traceparent := traceparentFrom(ctx)
 	for i := range events {
 		ev := &events[i]
 		if err := ev.Validate(o.cfg.MaxPayloadBytes); err != nil {
@@ -97,7 +103,11 @@ func (o *Outbox) Append(ctx context.Context, tx *sql.Tx, events ...Event) ([]str
 		if err != nil {
 			return nil, fmt.Errorf("outbox append: event %d: %w", i, err)
 		}
-		ps[i] = prepared{ev: ev, id: id, headers: h}
+		tp := ev.Traceparent
+		if tp == "" {
+			tp = traceparent
+		}
+		ps[i] = prepared{ev: ev, id: id, headers: h, traceparent: tp}
 	}
 	stmt, err := tx.PrepareContext(ctx, `INSERT INTO warren_outbox
 		(event_id, producer, event_type, aggregate_type, aggregate_id, aggregate_version,
@@ -120,7 +130,7 @@ func (o *Outbox) Append(ctx context.Context, tx *sql.Tx, events ...Event) ([]str
 			exp = strconv.FormatInt(ev.Expiration.Milliseconds(), 10)
 		}
 		if _, err := stmt.ExecContext(ctx, p.id, ev.Producer, ev.Type, nullString(ev.AggregateType), nullString(ev.AggregateID),
-			ev.AggregateVersion, ct, p.headers, ev.Payload, nullString(ev.CorrelationID), exp, nullString(ev.Traceparent), now); err != nil {
+			ev.AggregateVersion, ct, p.headers, ev.Payload, nullString(ev.CorrelationID), exp, nullString(p.traceparent), now); err != nil {
 			return nil, fmt.Errorf("outbox append: insert event %s: %w", p.id, err)
 		}
 		ids[i] = p.id

@@ -224,39 +224,48 @@ func MarkPublished(ctx context.Context, db *sql.DB, seqs []int64, at time.Time) 
 	return nil
 }
 
-// Prune deletes published rows older than before, batch rows per short
-// transaction so the write lock is never held long, and returns how many
-// it deleted. With dryRun it only counts them.
+// DefaultPruneBatch is the largest batch Prune deletes in one transaction
+// when it is given no batch size.
+const DefaultPruneBatch = 1000
+
+// Prune deletes published rows whose published_at is before before, and
+// returns how many it deleted; unpublished rows are never touched. It
+// deletes in short transactions of at most batch rows (default
+// DefaultPruneBatch), fewer when a batch holds the write lock for more
+// than a few tens of milliseconds, and rests between them, so that the
+// application's writes wait for one short batch at most (see
+// sql.PruneBatches). With dryRun it deletes nothing and returns how many
+// rows it would delete.
 func Prune(ctx context.Context, db *sql.DB, before time.Time, batch int, dryRun bool) (int64, error) {
-	if batch <= 0 {
-		batch = 1000
+	if batch < 0 {
+		return 0, fmt.Errorf("prune outbox: batch size %d is negative", batch)
+	}
+	if batch == 0 {
+		batch = DefaultPruneBatch
 	}
 	ts := wsql.FormatTime(before)
 	if dryRun {
 		var n int64
-		err := db.QueryRowContext(ctx, `SELECT count(*) FROM warren_outbox WHERE published_at IS NOT NULL AND published_at < ?`, ts).Scan(&n)
+		err := db.QueryRowContext(ctx, `SELECT count(*) FROM warren_outbox INDEXED BY warren_outbox_published_at
+			WHERE published_at IS NOT NULL AND published_at < ?`, ts).Scan(&n)
 		if err != nil {
 			return 0, fmt.Errorf("prune outbox: count: %w", err)
 		}
 		return n, nil
 	}
-	var total int64
-	for {
+	n, err := wsql.PruneBatches(ctx, batch, func(ctx context.Context, limit int) (int64, error) {
 		res, err := db.ExecContext(ctx, `DELETE FROM warren_outbox WHERE seq IN (
 			SELECT seq FROM warren_outbox INDEXED BY warren_outbox_published_at
-			WHERE published_at IS NOT NULL AND published_at < ? LIMIT ?)`, ts, batch)
+			WHERE published_at IS NOT NULL AND published_at < ? LIMIT ?)`, ts, limit)
 		if err != nil {
-			return total, fmt.Errorf("prune outbox: %w", err)
+			return 0, err
 		}
-		n, _ := res.RowsAffected()
-		total += n
-		if n < int64(batch) {
-			return total, nil
-		}
-		if err := ctx.Err(); err != nil {
-			return total, err
-		}
+		return res.RowsAffected()
+	})
+	if err != nil {
+		return n, fmt.Errorf("prune outbox: %w", err)
 	}
+	return n, nil
 }
 
 // ProducerStatus is the backlog of one producer.
@@ -273,8 +282,51 @@ type ProducerStatus struct {
 	LastPublished time.Time `json:"last_published,omitzero"`
 }
 
-// Status returns the backlog per producer. The unpublished part reads only
-// the partial index of unpublished rows.
+// Backlog returns, per producer with unpublished rows, how many there are
+// and when the oldest was appended (Backlog and OldestUnpublished; the
+// other fields are zero). It reads only the partial index of unpublished
+// rows and one row per producer, so its cost follows the backlog, not the
+// table: this is what the backlog gauges read on every scrape.
+func Backlog(ctx context.Context, q Querier) ([]ProducerStatus, error) {
+	rows, err := q.QueryContext(ctx, `SELECT producer, count(*), min(seq) FROM warren_outbox INDEXED BY warren_outbox_unpublished
+		WHERE published_at IS NULL GROUP BY producer`)
+	if err != nil {
+		return nil, fmt.Errorf("outbox backlog: %w", err)
+	}
+	var out []ProducerStatus
+	var olds []int64
+	for rows.Next() {
+		var p sql.NullString
+		var n, seq int64
+		if err := rows.Scan(&p, &n, &seq); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("outbox backlog: %w", err)
+		}
+		out = append(out, ProducerStatus{Producer: p.String, Backlog: n})
+		olds = append(olds, seq)
+	}
+	err = rows.Err()
+	rows.Close()
+	if err != nil {
+		return nil, fmt.Errorf("outbox backlog: %w", err)
+	}
+	for i, seq := range olds {
+		var created sql.NullString
+		if err := q.QueryRowContext(ctx, `SELECT created_at FROM warren_outbox WHERE seq = ?`, seq).Scan(&created); err == nil {
+			if t, err := wsql.ParseTime(created.String); err == nil {
+				out[i].OldestUnpublished = t
+			}
+		} else if !errors.Is(err, sql.ErrNoRows) { // published meanwhile: no age
+			return nil, fmt.Errorf("outbox backlog: %w", err)
+		}
+	}
+	sortStatus(out)
+	return out, nil
+}
+
+// Status returns the backlog per producer (see Backlog) and the published
+// rows still kept. The published part counts the kept rows over their
+// index, so it costs more than Backlog on a large table.
 func Status(ctx context.Context, q Querier) ([]ProducerStatus, error) {
 	byProducer := map[string]*ProducerStatus{}
 	get := func(p string) *ProducerStatus {
@@ -285,36 +337,14 @@ func Status(ctx context.Context, q Querier) ([]ProducerStatus, error) {
 		}
 		return s
 	}
-	rows, err := q.QueryContext(ctx, `SELECT producer, count(*), min(seq) FROM warren_outbox INDEXED BY warren_outbox_unpublished
-		WHERE published_at IS NULL GROUP BY producer`)
+	backlog, err := Backlog(ctx, q)
 	if err != nil {
-		return nil, fmt.Errorf("outbox status: %w", err)
+		return nil, err
 	}
-	type oldest struct {
-		producer string
-		seq      int64
+	for _, b := range backlog {
+		*get(b.Producer) = b
 	}
-	var olds []oldest
-	for rows.Next() {
-		var p sql.NullString
-		var n, seq int64
-		if err := rows.Scan(&p, &n, &seq); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("outbox status: %w", err)
-		}
-		get(p.String).Backlog = n
-		olds = append(olds, oldest{p.String, seq})
-	}
-	rows.Close()
-	for _, o := range olds {
-		var created sql.NullString
-		if err := q.QueryRowContext(ctx, `SELECT created_at FROM warren_outbox WHERE seq = ?`, o.seq).Scan(&created); err == nil {
-			if t, err := wsql.ParseTime(created.String); err == nil {
-				get(o.producer).OldestUnpublished = t
-			}
-		}
-	}
-	rows, err = q.QueryContext(ctx, `SELECT producer, count(*), max(published_at) FROM warren_outbox INDEXED BY warren_outbox_published_at
+	rows, err := q.QueryContext(ctx, `SELECT producer, count(*), max(published_at) FROM warren_outbox INDEXED BY warren_outbox_published_at
 		WHERE published_at IS NOT NULL GROUP BY producer`)
 	if err != nil {
 		return nil, fmt.Errorf("outbox status: %w", err)

@@ -25,5 +25,9 @@
 // While the broker blocks the connection (memory or disk alarm) publishes
 // wait instead of timing out.
 //
+// OpsHandler serves the operations endpoint that the relay and the
+// consumer share (/metrics, /healthz, /readyz): it lives here, in the one
+// package both import, and takes their readiness checks as functions.
+//
 // The package knows nothing of SQL or of the other warren packages.
 package publisher

@@ -20,6 +20,13 @@ const (
 	DefaultRetryMax        = 30 * time.Second
 	DefaultDrainTimeout    = 30 * time.Second
 	DefaultLockRetry       = 250 * time.Millisecond
+	// DefaultRetention is how long published rows are kept.
+	DefaultRetention = 7 * 24 * time.Hour
+	// DefaultPruneInterval is how often the relay prunes published rows.
+	DefaultPruneInterval = time.Hour
+	// DefaultProbeWait is how long Ready waits for the database's write
+	// lock.
+	DefaultProbeWait = time.Second
 )
 
 // Config configures a Relay.
@@ -59,6 +66,22 @@ type Config struct {
 	PollFallback time.Duration
 	// Logger receives the relay's logs. Default: slog.Default().
 	Logger *slog.Logger
+	// Metrics, if set, gets Watermill's router metrics of the relay's
+	// router; the outbox and publisher metrics come from NewMetrics and
+	// Metrics.PublisherConfig. Default: none.
+	Metrics *Metrics
+	// Retention is how long published rows are kept: the relay deletes
+	// older ones (outbox.Prune, in short batches) when it starts
+	// publishing and then every PruneInterval. Negative keeps them
+	// forever. Default: DefaultRetention (7 days).
+	Retention time.Duration
+	// PruneInterval is how often the relay prunes. Default:
+	// DefaultPruneInterval (1h).
+	PruneInterval time.Duration
+	// ProbeWait is how long Ready waits for the database's write lock
+	// before it reports the database as not writable. Default:
+	// DefaultProbeWait (1s).
+	ProbeWait time.Duration
 }
 
 // WithDefaults returns c with every zero field set to its default.
@@ -90,6 +113,15 @@ func (c Config) WithDefaults() Config {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if c.Retention == 0 {
+		c.Retention = DefaultRetention
+	}
+	if c.PruneInterval == 0 {
+		c.PruneInterval = DefaultPruneInterval
+	}
+	if c.ProbeWait == 0 {
+		c.ProbeWait = DefaultProbeWait
+	}
 	return c
 }
 
@@ -111,7 +143,7 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("relay config: %s is negative (%d)", name, v))
 		}
 	}
-	if c.RetryMin < 0 || c.RetryMax < 0 || c.DrainTimeout < 0 || c.PollFallback < 0 {
+	if c.RetryMin < 0 || c.RetryMax < 0 || c.DrainTimeout < 0 || c.PollFallback < 0 || c.PruneInterval < 0 || c.ProbeWait < 0 {
 		errs = append(errs, errors.New("relay config: durations must not be negative"))
 	}
 	if c.RetryMax != 0 && c.RetryMin > c.RetryMax {

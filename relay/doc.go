@@ -20,4 +20,11 @@
 //
 // Stop: cancelling the context given to Run stops reading, waits for the
 // outstanding confirms, marks them and returns nil.
+//
+// Operations: NewMetrics registers the contract's outbox and relay metrics
+// (read the backlog on scrape; count what the publisher reports through
+// Metrics.PublisherConfig); Ready says whether the database takes a write
+// and the broker is connected, for publisher.OpsHandler; published rows
+// older than Config.Retention are pruned when the relay starts publishing
+// and then every Config.PruneInterval.
 package relay

@@ -85,6 +85,12 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	defer func() { _ = lock.Unlock() }()
 
+	pruneCtx, stopPrune := context.WithCancel(ctx)
+	var pruning sync.WaitGroup
+	pruning.Go(func() { r.prune(pruneCtx, log) })
+	defer pruning.Wait()
+	defer stopPrune()
+
 	watcher, err := outbox.Watch(r.cfg.DBPath, r.cfg.PollFallback, log)
 	if err != nil {
 		return fmt.Errorf("relay: %w", err)
@@ -107,6 +113,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		close(marks)
 		<-mk.done
 		return fmt.Errorf("relay: router: %w", err)
+	}
+	if r.cfg.Metrics != nil {
+		r.cfg.Metrics.router.instrument(router)
 	}
 	pub := r.cfg.Publisher
 	router.AddConsumerHandler("warren-relay", "warren_outbox", sub, func(msg *message.Message) error {
@@ -144,6 +153,24 @@ func (r *Relay) Abort() {
 	if r.abort != nil {
 		r.abort()
 	}
+}
+
+// Ready reports whether the relay can work: the database takes a write
+// (sql.ProbeWrite: the write lock is free within Config.ProbeWait) and the
+// publisher is connected to the broker (when it says: a
+// *publisher.Publisher does). A standby relay is ready too; it takes over
+// at once. Serve it on /readyz with publisher.OpsHandler.
+func (r *Relay) Ready(ctx context.Context) error {
+	var errs []error
+	if err := wsql.ProbeWrite(ctx, r.cfg.DB, r.cfg.ProbeWait); err != nil {
+		errs = append(errs, err)
+	}
+	if p, ok := r.cfg.Publisher.(interface{ Ready() error }); ok {
+		if err := p.Ready(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Marked returns how many rows this relay marked published so far.

@@ -11,6 +11,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"gopkg.in/yaml.v3"
+
+	"github.com/warrenmq/warren/publisher"
 )
 
 // Config is every setting of the warren command. Settings come from flags,
@@ -46,6 +48,11 @@ type Config struct {
 
 	RelayWindow     int
 	RelayUnroutable string
+
+	// OutboxRetention and InboxRetention are how long published outbox
+	// rows and processed inbox rows are kept; 0 keeps them forever.
+	OutboxRetention time.Duration
+	InboxRetention  time.Duration
 }
 
 func defaultConfig() Config {
@@ -66,6 +73,8 @@ func defaultConfig() Config {
 		MaxPayloadBytes: 1 << 20,
 		RelayWindow:     512,
 		RelayUnroutable: "count",
+		OutboxRetention: 7 * day,
+		InboxRetention:  30 * day,
 	}
 }
 
@@ -130,6 +139,41 @@ func parseDuration(v string) (time.Duration, error) {
 		return 0, fmt.Errorf("%s is negative", v)
 	}
 	return d, nil
+}
+
+const day = 24 * time.Hour
+
+// retention parses a retention: a duration (12h), a number of days (7d)
+// or 0 for forever.
+func retention(f func(*Config) *time.Duration) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		v = strings.TrimSpace(v)
+		if days, ok := strings.CutSuffix(v, "d"); ok {
+			n, err := strconv.Atoi(days)
+			if err != nil || n < 0 {
+				return fmt.Errorf("%q is not a number of days such as 7d, nor a duration such as 12h (0 keeps rows forever)", v)
+			}
+			*f(c) = time.Duration(n) * day
+			return nil
+		}
+		d, err := parseDuration(v)
+		if err != nil {
+			return fmt.Errorf("%q is not a number of days such as 7d, nor a duration such as 12h (0 keeps rows forever)", v)
+		}
+		*f(c) = d
+		return nil
+	}
+}
+
+// formatRetention writes a retention the way retention reads it.
+func formatRetention(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "0"
+	case d%day == 0:
+		return strconv.Itoa(int(d/day)) + "d"
+	}
+	return publisher.FormatDelay(d)
 }
 
 func duration(f func(*Config) *time.Duration) func(*Config, string) error {
@@ -204,6 +248,8 @@ var settings = []setting{
 	{key: "consumer.queue_type", flag: "queue-type", help: "quorum or classic", set: oneOf(func(c *Config) *string { return &c.QueueType }, "quorum", "classic")},
 	{key: "outbox.max_payload_bytes", flag: "max-payload-bytes", env: "WARREN_MAX_PAYLOAD_BYTES", help: "largest payload accepted", set: integer(func(c *Config) *int { return &c.MaxPayloadBytes }, 1)},
 	{key: "relay.window", flag: "window", env: "WARREN_RELAY_WINDOW", help: "publishes awaiting a confirm at once", set: integer(func(c *Config) *int { return &c.RelayWindow }, 1)},
+	{key: "outbox_retention", flag: "outbox-retention", env: "WARREN_OUTBOX_RETENTION", help: "keep published outbox rows this long, e.g. 7d or 12h; the relay prunes older ones hourly (0 = forever)", set: retention(func(c *Config) *time.Duration { return &c.OutboxRetention })},
+	{key: "inbox_retention", flag: "inbox-retention", env: "WARREN_INBOX_RETENTION", help: "keep processed inbox rows this long, e.g. 30d; the consumer prunes older ones hourly; retrying and poisoned rows are kept (0 = forever)", set: retention(func(c *Config) *time.Duration { return &c.InboxRetention })},
 	{key: "relay.unroutable", flag: "unroutable", env: "WARREN_RELAY_UNROUTABLE", help: "an event no queue is bound for: count (log it, mark it published) or keep (leave it in the outbox)", set: oneOf(func(c *Config) *string { return &c.RelayUnroutable }, "count", "keep")},
 }
 
@@ -214,7 +260,7 @@ func (s *setting) typeName() string {
 		return "bool"
 	case "concurrency", "prefetch", "max-attempts", "max-payload-bytes", "window":
 		return "int"
-	case "handler-timeout", "expiration":
+	case "handler-timeout", "expiration", "outbox-retention", "inbox-retention":
 		return "duration"
 	case "retry-delays":
 		return "durations"
@@ -300,6 +346,10 @@ func defaultString(c Config, flag string) string {
 		return c.RelayUnroutable
 	case "retry-delays":
 		return "1s,10s,1m,10m"
+	case "outbox-retention":
+		return formatRetention(c.OutboxRetention)
+	case "inbox-retention":
+		return formatRetention(c.InboxRetention)
 	}
 	return ""
 }

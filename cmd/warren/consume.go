@@ -32,6 +32,19 @@ A failure is retried at once, then through <app>.retry.<delay> queues
 (--retry-delays), and after --max-attempts parked in <app>.poison with the
 reason (see warren poison).
 
+Processed inbox rows older than --inbox-retention (default 30d) are deleted
+in short batches when the consumer starts and then hourly; retrying and
+poisoned rows are kept.
+
+With --metrics-addr (e.g. :9465) it serves Prometheus metrics on /metrics
+(warren_consumer_deliveries_total, _duplicates_total, _retries_total,
+_poisoned_total, _handler_seconds, _in_flight and Watermill's router
+metrics), /healthz and /readyz (503 while the broker is unreachable or the
+database cannot be written).
+
+A delivery whose traceparent header carries a W3C trace context is handled
+in a span that continues it; the HTTP sink sends the traceparent on.
+
   warren consume --db billing.db --app billing --from crm:company.* --from shop
   warren consume --app audit --from crm --sink https://audit.internal/events`,
 		Args: cobra.NoArgs,
@@ -47,7 +60,7 @@ reason (see warren poison).
 		},
 	}
 	addFlags(cmd, "db", "url", "declare", "app", "from", "sink", "concurrency", "prefetch", "handler-timeout",
-		"max-attempts", "retry-delays", "auto-ack", "binary", "expiration", "queue-type", "log-format", "log-level")
+		"max-attempts", "retry-delays", "auto-ack", "binary", "expiration", "queue-type", "inbox-retention", "metrics-addr", "log-format", "log-level")
 	return cmd
 }
 
@@ -99,6 +112,7 @@ func consumerConfig(cfg Config, log *slog.Logger) (consumer.Config, error) {
 		MaxBodyBytes:   cfg.MaxPayloadBytes,
 		NoDeclare:      !cfg.Declare,
 		Logger:         log,
+		Retention:      retentionOf(cfg.InboxRetention),
 	}, nil
 }
 
@@ -120,10 +134,24 @@ func runConsume(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	defer db.Close()
 	ccfg.DB = db.DB
+	ln, err := listenOps(cfg.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	if ln != nil {
+		defer ln.Close()
+	}
+	reg := newRegistry()
+	if cfg.MetricsAddr != "" {
+		if ccfg.Metrics, err = consumer.NewMetrics(reg); err != nil {
+			return err
+		}
+	}
 	c, err := consumer.New(ccfg, sinkHandler(cfg))
 	if err != nil {
 		return err
 	}
+	defer serveOps(ln, log, reg, publisher.Check{Name: "consumer", Run: c.Ready})()
 	if err := c.Run(ctx); err != nil {
 		return fmt.Errorf("consume %s: %w", cfg.App, err)
 	}

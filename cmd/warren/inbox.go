@@ -23,9 +23,10 @@ many attempts and which error" from warren_inbox.
 
   warren inbox list --app billing --status poisoned --since 24h
   warren inbox show --app billing 0190c6f4-…
-  warren inbox stats --app billing --format json`,
+  warren inbox stats --app billing --format json
+  warren inbox prune --app billing --dry-run`,
 	}
-	cmd.AddCommand(newInboxListCmd(), newInboxShowCmd(), newInboxStatsCmd())
+	cmd.AddCommand(newInboxListCmd(), newInboxShowCmd(), newInboxStatsCmd(), newInboxPruneCmd())
 	return cmd
 }
 

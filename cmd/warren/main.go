@@ -64,6 +64,7 @@ localhost:5672 as user guest).`,
 		newInboxCmd(),
 		newPoisonCmd(),
 		newDemoCmd(),
+		newStatusCmd(),
 	)
 	return root
 }

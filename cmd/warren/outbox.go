@@ -18,7 +18,7 @@ func newOutboxCmd() *cobra.Command {
 		Use:   "outbox",
 		Short: "Inspect the outbox or append an event from the shell",
 	}
-	cmd.AddCommand(newOutboxStatusCmd(), newOutboxListCmd(), newOutboxAppendCmd())
+	cmd.AddCommand(newOutboxStatusCmd(), newOutboxListCmd(), newOutboxAppendCmd(), newOutboxPruneCmd())
 	return cmd
 }
 

@@ -1,0 +1,135 @@
+package sql
+
+import (
+	"context"
+	dbsql "database/sql"
+	"database/sql/driver"
+	"fmt"
+	"time"
+)
+
+// DefaultProbeWait is how long ProbeWrite waits for SQLite's write lock
+// when it is given no wait.
+const DefaultProbeWait = time.Second
+
+// ProbeWrite reports whether db can be written now: on a connection of its
+// own it runs BEGIN IMMEDIATE, which takes SQLite's write lock, creates a
+// table (in the page cache only) and at once rolls back, which releases the
+// lock. Nothing reaches the file and nothing is synced, so the lock is held
+// for microseconds; while another writer holds it the
+// probe waits at most wait (the connection's busy timeout is set to wait for
+// the probe and restored after), and reports the database as busy when the
+// wait runs out. It fails too when the file is read-only, gone or not a
+// database. A full disk is not seen: nothing is written.
+func ProbeWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (err error) {
+	if wait <= 0 {
+		wait = DefaultProbeWait
+	}
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("database write probe: %w", err)
+	}
+	defer conn.Close()
+	var old int64
+	if err := conn.QueryRowContext(ctx, `PRAGMA busy_timeout`).Scan(&old); err != nil {
+		return fmt.Errorf("database write probe: %w", err)
+	}
+	if _, err := conn.ExecContext(ctx, fmt.Sprintf(`PRAGMA busy_timeout = %d`, wait.Milliseconds())); err != nil {
+		return fmt.Errorf("database write probe: %w", err)
+	}
+	// Restore and end what the probe began even when ctx ends meanwhile:
+	// the connection goes back to the application's pool.
+	bg := context.WithoutCancel(ctx)
+	defer func() {
+		if _, rerr := conn.ExecContext(bg, fmt.Sprintf(`PRAGMA busy_timeout = %d`, old)); rerr != nil {
+			discard(conn)
+		}
+	}()
+	start := time.Now()
+	if _, err := conn.ExecContext(ctx, `BEGIN IMMEDIATE`); err != nil {
+		if IsBusy(err) {
+			return fmt.Errorf("database write probe: another writer held the write lock for more than %s: %w", time.Since(start).Round(time.Millisecond), err)
+		}
+		return fmt.Errorf("database write probe: %w", err)
+	}
+	// A statement that writes to the file's pages (in the page cache
+	// only), so that a read-only file is seen; rolled back at once.
+	_, werr := conn.ExecContext(ctx, `CREATE TABLE main.warren_write_probe (x)`)
+	if _, err := conn.ExecContext(bg, `ROLLBACK`); err != nil {
+		discard(conn)
+		return fmt.Errorf("database write probe: rollback: %w", err)
+	}
+	if werr != nil {
+		return fmt.Errorf("database write probe: %w", werr)
+	}
+	return nil
+}
+
+// discard makes the pool drop conn instead of reusing it.
+func discard(conn *dbsql.Conn) {
+	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+}
+
+// Pruning pace: each batch is one short write transaction; a batch that
+// took longer than pruneSlow halves the next, one faster than pruneFast
+// doubles it (up to the batch size asked for). Between batches the pruner
+// rests at least as long as the batch took, so other writers always get
+// the lock in between.
+const (
+	pruneSlow    = 40 * time.Millisecond
+	pruneFast    = 10 * time.Millisecond
+	pruneMinRest = 5 * time.Millisecond
+	pruneMinSize = 10
+)
+
+// PruneBatches calls step with a row limit until step deletes fewer rows
+// than its limit, and returns the rows deleted in all. step must delete at
+// most limit rows in one short transaction (a single DELETE … LIMIT
+// statement is one). The limit starts at batch (at most) and adapts so that
+// a step holds SQLite's write lock for about 10 to 40 ms; between steps the
+// pruner rests at least as long as the step took, so that the
+// application's writers, which wait on the busy timeout, get the lock in
+// between and are delayed by one short step at most. A busy error (the
+// lock was not free within the busy timeout) halves the limit and tries
+// again after a rest.
+func PruneBatches(ctx context.Context, batch int, step func(ctx context.Context, limit int) (int64, error)) (int64, error) {
+	if batch <= 0 {
+		batch = 1000
+	}
+	limit := min(batch, 100)
+	var total int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return total, err
+		}
+		start := time.Now()
+		n, err := step(ctx, limit)
+		took := time.Since(start)
+		if err != nil {
+			if !IsBusy(err) {
+				return total, err
+			}
+			limit = max(limit/2, pruneMinSize)
+			n = int64(limit) // not done: try again
+		} else {
+			total += n
+			if n < int64(limit) {
+				return total, nil
+			}
+			switch {
+			case took > pruneSlow:
+				limit = max(limit/2, pruneMinSize)
+			case took < pruneFast:
+				limit = min(limit*2, batch)
+			}
+		}
+		rest := max(took, pruneMinRest)
+		t := time.NewTimer(rest)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return total, ctx.Err()
+		}
+	}
+}
