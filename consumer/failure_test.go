@@ -374,7 +374,8 @@ func TestMissingRetryQueueRequeues(t *testing.T) {
 	require.Equal(t, 1, <-failures)
 	require.Equal(t, 2, <-failures, "redelivered after the retry publish failed, and counted")
 	require.NoError(t, c.Stop(context.Background()))
-	require.Equal(t, 1, b.depth(t, publisher.QueueName(b.name)))
+	require.Eventually(t, func() bool { return b.depth(t, publisher.QueueName(b.name)) == 1 }, 5*time.Second, 10*time.Millisecond,
+		"the delivery is back in the queue")
 }
 
 func testDelete(b *testBundle, queue string) {
