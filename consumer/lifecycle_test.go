@@ -62,7 +62,8 @@ func TestCleanStopWhileHandlersRun(t *testing.T) {
 	require.Zero(t, b.counts.poisoned.Load())
 	require.Zero(t, b.depth(t, publisher.RetryQueueName(b.name, time.Hour)), "nothing dead-lettered")
 	require.Zero(t, b.depth(t, publisher.PoisonQueueName(b.name)))
-	require.Equal(t, n-committed, b.depth(t, publisher.QueueName(b.name)), "every committed delivery was acked, the rest is back")
+	require.Eventually(t, func() bool { return b.depth(t, publisher.QueueName(b.name)) == n-committed }, 5*time.Second, 10*time.Millisecond,
+		"every committed delivery was acked, the rest is back")
 
 	// Nothing committed comes again.
 	again := &counts{reasons: map[string]int{}}
