@@ -27,6 +27,8 @@ func TestMain(m *testing.M) {
 		// channel send after its proxy stopped; that is the test proxy's
 		// leak, not the publisher's.
 		goleak.IgnoreAnyFunction("github.com/Shopify/toxiproxy/v2/toxics.(*ToxicStub).Run"),
+		goleak.IgnoreAnyFunction("github.com/Shopify/toxiproxy/v2.(*ToxicLink).read"),
+		goleak.IgnoreAnyFunction("github.com/Shopify/toxiproxy/v2.(*ToxicLink).write"),
 	)
 }
 
