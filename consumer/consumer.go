@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"runtime/debug"
 	"strconv"
 	"sync"
@@ -69,7 +70,8 @@ type Consumer struct {
 	autoAckCh chan struct{} // bounds concurrency under AutoAck
 	cancelRun context.CancelFunc
 	routerOut chan error
-	pruner    *pruner // prunes the inbox (Config.Retention)
+	subClosed atomic.Bool // no more dialling for the subscriber
+	pruner    *pruner     // prunes the inbox (Config.Retention)
 }
 
 // New validates cfg and returns a Consumer for handler (Inbox for an
@@ -136,6 +138,17 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	// watermill-amqp's connection wrapper may start a reconnection when
+	// its own Close closes the connection (its close-notification and its
+	// closing channel race); refuse to dial once the subscriber is closed
+	// so that no connection outlives the consumer.
+	dial := amqpCfg.Dial
+	amqpCfg.Dial = func(network, addr string) (net.Conn, error) {
+		if c.subClosed.Load() {
+			return nil, errors.New("consumer stopped")
+		}
+		return dial(network, addr)
+	}
 	pub, err := publisher.New(publisher.Config{
 		Connection: c.cfg.Connection,
 		Unroutable: publisher.UnroutableKeep, // a missing retry or poison queue must not drop the message
@@ -184,7 +197,7 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 	}
 	// Declare (or verify) now, for a clear error before anything runs.
 	if err := builder.build(ctx); err != nil {
-		_ = sub.Close()
+		c.closeSubscriber(sub)
 		_ = pub.Close()
 		return fmt.Errorf("consumer %s: %w", c.cfg.Consumer, err)
 	}
@@ -267,7 +280,7 @@ func (c *Consumer) watch() {
 func (c *Consumer) teardown() {
 	c.pruner.stop()
 	if c.sub != nil {
-		_ = c.sub.Close()
+		c.closeSubscriber(c.sub)
 	}
 	if c.com != nil {
 		c.com.close()
@@ -278,6 +291,13 @@ func (c *Consumer) teardown() {
 	if c.abort != nil {
 		c.abort()
 	}
+}
+
+// closeSubscriber closes sub and its connection; unacked deliveries go
+// back to the queue.
+func (c *Consumer) closeSubscriber(sub *wamqp.Subscriber) {
+	c.subClosed.Store(true)
+	_ = sub.Close()
 }
 
 func (c *Consumer) finish(err error) {
@@ -317,7 +337,7 @@ func (c *Consumer) Stop(ctx context.Context) error {
 		c.abort()
 	}
 	if c.sub != nil {
-		_ = c.sub.Close() // unacked deliveries are requeued
+		c.closeSubscriber(c.sub) // unacked deliveries are requeued
 	}
 	<-c.stopped
 	return ErrStopAborted
