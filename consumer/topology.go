@@ -237,7 +237,10 @@ func (b *TopologyBuilder) build(ctx context.Context) error {
 	if conn == nil {
 		return fmt.Errorf("%w: no connection", publisher.ErrConnectionLost)
 	}
-	if b.done == conn && !conn.IsClosed() {
+	if b.done == conn && !conn.IsClosed() && queueExists(conn, publisher.QueueName(b.cfg.Consumer)) {
+		// Built on this connection, and the queue is still there: a
+		// subscription resubscribing after its channel closed. (When the
+		// queue was deleted under the consumer, it is declared again.)
 		return nil
 	}
 	var err error
@@ -258,4 +261,16 @@ func (b *TopologyBuilder) build(ctx context.Context) error {
 // BuildTopology).
 func (b *TopologyBuilder) ExchangeDeclare(channel *amqp.Channel, exchangeName string, _ wamqp.Config) error {
 	return channel.ExchangeDeclare(exchangeName, publisher.ExchangeKind, true, false, false, false, nil)
+}
+
+// queueExists checks with a passive declare on a channel of its own (a
+// failed passive declare closes the channel).
+func queueExists(conn *amqp.Connection, queue string) bool {
+	ch, err := conn.Channel()
+	if err != nil {
+		return false
+	}
+	defer ch.Close()
+	_, err = ch.QueueDeclarePassive(queue, true, false, false, false, nil)
+	return err == nil
 }

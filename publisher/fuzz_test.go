@@ -1,6 +1,7 @@
 package publisher_test
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -116,4 +117,11 @@ func FuzzUnmarshal(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestUnmarshalRefusesTheZeroDeliveryOfAClosedChannel(t *testing.T) {
+	_, err := publisher.Marshaler{}.Unmarshal(amqp.Delivery{})
+	if !errors.Is(err, publisher.ErrNoDelivery) {
+		t.Fatalf("zero delivery: got %v, want ErrNoDelivery", err)
+	}
 }

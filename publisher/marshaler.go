@@ -3,6 +3,7 @@ package publisher
 import (
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -141,9 +142,20 @@ func (Marshaler) Marshal(msg *message.Message) (amqp.Publishing, error) {
 	return p, nil
 }
 
-// Unmarshal turns a delivery into a message. It never returns an error: a
-// delivery that cannot be processed gets MetaMalformed with the reason.
+// ErrNoDelivery is returned by Unmarshal for the zero amqp.Delivery, which
+// is what a closed delivery channel yields (the broker cancelled the
+// consumer, for instance because its queue was deleted). watermill-amqp's
+// subscriber reads such zero values in a loop; failing them makes it stop
+// and subscribe again instead of parking empty "messages" as malformed.
+var ErrNoDelivery = errors.New("not a delivery: the delivery channel was closed")
+
+// Unmarshal turns a delivery into a message. A real delivery never fails:
+// one that cannot be processed gets MetaMalformed with the reason. Only the
+// zero delivery of a closed channel is refused (ErrNoDelivery).
 func (Marshaler) Unmarshal(d amqp.Delivery) (*message.Message, error) {
+	if d.Acknowledger == nil && d.DeliveryTag == 0 {
+		return nil, ErrNoDelivery
+	}
 	msg := message.NewMessage(d.MessageId, d.Body)
 	md := msg.Metadata
 	set := func(k, v string) {

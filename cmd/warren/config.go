@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	"gopkg.in/yaml.v3"
 
+	"github.com/warrenmq/warren/consumer"
 	"github.com/warrenmq/warren/publisher"
 )
 
@@ -65,7 +66,7 @@ func defaultConfig() Config {
 		LogFormat:       "text",
 		LogLevel:        "info",
 		Sink:            "inbox",
-		Concurrency:     8,
+		Concurrency:     consumer.DefaultConcurrency,
 		HandlerTimeout:  30 * time.Second,
 		MaxAttempts:     5,
 		RetryDelays:     []time.Duration{time.Second, 10 * time.Second, time.Minute, 10 * time.Minute},
