@@ -97,20 +97,19 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	defer func() { _ = watcher.Close() }()
 
-	marks := make(chan int64, r.cfg.Window*2)
-	mk := &marker{db: r.cfg.DB, in: marks, log: log, done: make(chan struct{}), ctx: msgCtx, onMark: func(n int) {
+	mk := newMarker(msgCtx, r.cfg.DB, log, func(n int) {
 		r.mu.Lock()
 		r.marked += int64(n)
 		r.mu.Unlock()
-	}}
+	})
 	go mk.run()
 
-	sub := &subscriber{cfg: r.cfg, db: r.cfg.DB, wake: watcher.C, marks: marks, msgCtx: msgCtx, log: log, stopped: make(chan struct{})}
+	sub := &subscriber{cfg: r.cfg, db: r.cfg.DB, wake: watcher.C, marks: mk, msgCtx: msgCtx, log: log, stopped: make(chan struct{})}
 
 	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: r.cfg.DrainTimeout},
 		newQuietLogger(watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug}), 5*time.Second))
 	if err != nil {
-		close(marks)
+		mk.close()
 		<-mk.done
 		return fmt.Errorf("relay: router: %w", err)
 	}
@@ -133,7 +132,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		abort()
 		<-sub.stopped
 	}
-	close(marks)
+	mk.close()
 	<-mk.done
 	r.mu.Lock()
 	marked := r.marked

@@ -22,7 +22,7 @@ type subscriber struct {
 	cfg     Config
 	db      *sql.DB
 	wake    <-chan struct{}
-	marks   chan<- int64
+	marks   *marker
 	msgCtx  context.Context
 	log     *slog.Logger
 	stopped chan struct{}
@@ -175,7 +175,7 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 		case r := <-results:
 			inflight--
 			if r.acked {
-				s.marks <- r.p.row.Seq
+				s.marks.add(r.p.row.Seq)
 				release(r.p)
 				continue
 			}
@@ -282,37 +282,80 @@ func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
 	}
 }
 
-// marker marks confirmed rows published in short batched transactions:
-// whatever confirmed while one write ran goes into the next.
+// marker marks confirmed rows published in short batched transactions.
+// It takes confirmed seqs at once, whatever the database does (add never
+// waits: while the application keeps SQLite's write lock busy a mark can
+// wait seconds for it, and publishing must not wait with it), and writes
+// whatever gathered while the previous write ran, at most every
+// markInterval, so a steady stream costs the application few lock
+// acquisitions.
 type marker struct {
 	db   *sql.DB
-	in   chan int64
 	log  *slog.Logger
 	done chan struct{}
 	// ctx aborts retries of a failing write (hard stop only).
 	ctx    context.Context
 	onMark func(n int)
+
+	mu      sync.Mutex
+	pending []int64
+	closed  bool
+	wake    chan struct{}
+}
+
+// markInterval is the shortest time between two mark transactions.
+const markInterval = 10 * time.Millisecond
+
+func newMarker(ctx context.Context, db *sql.DB, log *slog.Logger, onMark func(int)) *marker {
+	return &marker{db: db, log: log, done: make(chan struct{}), ctx: ctx, onMark: onMark, wake: make(chan struct{}, 1)}
+}
+
+// add queues a confirmed row to be marked. It never blocks.
+func (m *marker) add(seq int64) {
+	m.mu.Lock()
+	m.pending = append(m.pending, seq)
+	m.mu.Unlock()
+	m.poke()
+}
+
+// close makes run write what is pending and return.
+func (m *marker) close() {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.poke()
+}
+
+func (m *marker) poke() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
 }
 
 func (m *marker) run() {
 	defer close(m.done)
 	const maxBatch = 2000
-	batch := make([]int64, 0, maxBatch)
-	for seq := range m.in {
-		batch = append(batch[:0], seq)
-	fill:
-		for len(batch) < maxBatch {
-			select {
-			case s, ok := <-m.in:
-				if !ok {
-					break fill
+	for range m.wake {
+		for {
+			m.mu.Lock()
+			batch, closed := m.pending, m.closed
+			m.pending = nil
+			m.mu.Unlock()
+			if len(batch) == 0 {
+				if closed {
+					return
 				}
-				batch = append(batch, s)
-			default:
-				break fill
+				break
+			}
+			for i := 0; i < len(batch); i += maxBatch {
+				m.flush(batch[i:min(i+maxBatch, len(batch))])
+			}
+			if !closed {
+				// Let the next batch gather.
+				time.Sleep(markInterval)
 			}
 		}
-		m.flush(batch)
 	}
 }
 
