@@ -24,5 +24,7 @@ func TestChaos(t *testing.T) {
 		NodeDown:   3 * time.Second,
 		AlarmFor:   10 * time.Second,
 		Drain:      8 * time.Minute,
+
+		ConsumerConcurrency: 1,
 	})
 }
