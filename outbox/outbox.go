@@ -143,7 +143,7 @@ func (o *Outbox) Append(ctx context.Context, tx *sql.Tx, events ...Event) ([]str
 func (o *Outbox) AppendDB(ctx context.Context, db *sql.DB, events ...Event) ([]string, error) {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, fmt.Errorf("outbox append: begin: %w", err)
+		return nil, fmt.Errorf("outbox append: begin: %w%s", err, busyHint(err))
 	}
 	defer func() { _ = tx.Rollback() }()
 	ids, err := o.Append(ctx, tx, events...)
@@ -151,7 +151,7 @@ func (o *Outbox) AppendDB(ctx context.Context, db *sql.DB, events ...Event) ([]s
 		return nil, err
 	}
 	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("outbox append: commit: %w", err)
+		return nil, fmt.Errorf("outbox append: commit: %w%s", err, busyHint(err))
 	}
 	return ids, nil
 }
@@ -161,4 +161,12 @@ func nullString(s string) any {
 		return nil
 	}
 	return s
+}
+
+// busyHint explains SQLite's "database is locked" to a person.
+func busyHint(err error) string {
+	if wsql.IsBusy(err) {
+		return " (another connection held the database's write lock for longer than the busy timeout; nothing was written)"
+	}
+	return ""
 }

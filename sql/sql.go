@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	sqlite3 "github.com/mattn/go-sqlite3"
@@ -82,7 +83,11 @@ func Open(ctx context.Context, file string, opts Options) (*dbsql.DB, error) {
 		// SQLite gives its -wal and -shm files the same mode.
 		f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE, 0o600)
 		if err != nil {
-			return nil, fmt.Errorf("open database %s: %w", file, err)
+			hint := ""
+			if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
+				hint = " (warren must write the database: the file, its folder or the file system is read-only)"
+			}
+			return nil, fmt.Errorf("open database %s: %w%s", file, err, hint)
 		}
 		_ = f.Close()
 	} else if _, err := os.Stat(file); err != nil {

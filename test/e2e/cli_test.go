@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -85,4 +86,24 @@ func TestShellAppendAndStatus(t *testing.T) {
 	require.Equal(t, 0, code, out)
 	require.Contains(t, out, `"from": "stdin"`)
 	require.Contains(t, out, `"tenant": "acme"`)
+}
+
+func TestReadOnlyDatabaseGivesOneClearLineAndWritesNothing(t *testing.T) {
+	t.Parallel()
+	db, path := testenv.DB(t)
+	require.NoError(t, db.Close())
+	// As root, file modes do not stop writes; the immutable attribute does.
+	out, err := exec.Command("chattr", "+i", path).CombinedOutput()
+	require.NoError(t, err, "chattr +i: %s", out)
+	t.Cleanup(func() { _ = exec.Command("chattr", "-i", path).Run() })
+	before, err := os.ReadFile(path)
+	require.NoError(t, err)
+
+	oneLineError(t, nil, "", []string{"outbox", "append", "--db", path, "--producer", "crm", "--type", "t", "{}"}, "open database", path, "read-only")
+	oneLineError(t, nil, "", []string{"relay", "--db", path}, "open database", path)
+	oneLineError(t, nil, "", []string{"migrate", "--db", path}, path)
+
+	after, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Equal(t, before, after, "no partial write")
 }
