@@ -149,7 +149,7 @@ func InspectQueues(ctx context.Context, conn *amqp.Connection, consumer string, 
 	for i, name := range names {
 		wg.Go(func() {
 			st := QueueState{Name: name}
-			err := onChannel(ctx, conn, func(ch *amqp.Channel) error {
+			err := publisher.OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 				q, err := ch.QueueDeclarePassive(name, true, false, false, false, nil)
 				st.Ready, st.Consumers = q.Messages, q.Consumers
 				return err

@@ -238,7 +238,7 @@ func Purge(ctx context.Context, conn *amqp.Connection, consumer string) (int, er
 	}
 	queue := publisher.PoisonQueueName(consumer)
 	var n int
-	err := onChannel(ctx, conn, func(ch *amqp.Channel) error {
+	err := publisher.OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 		var err error
 		n, err = ch.QueuePurge(queue, false)
 		return err

@@ -85,7 +85,7 @@ func DeclareTopology(ctx context.Context, conn *amqp.Connection, cfg Config) err
 	queue := publisher.QueueName(cfg.Consumer)
 	for _, s := range cfg.From {
 		for _, k := range s.Keys {
-			err := onChannel(ctx, conn, func(ch *amqp.Channel) error {
+			err := publisher.OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 				return ch.QueueBind(queue, k, publisher.ExchangeName(s.Producer), false, nil)
 			})
 			if err != nil {
@@ -115,7 +115,7 @@ func VerifyTopology(ctx context.Context, conn *amqp.Connection, cfg Config) erro
 		}
 	}
 	for _, q := range cfg.queues() {
-		err := onChannel(ctx, conn, func(ch *amqp.Channel) error {
+		err := publisher.OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 			_, err := ch.QueueDeclarePassive(q.name, true, false, false, false, nil)
 			return err
 		})
@@ -152,7 +152,7 @@ func validateTopology(cfg Config) error {
 }
 
 func declareQueue(ctx context.Context, conn *amqp.Connection, q queueSpec) error {
-	err := onChannel(ctx, conn, func(ch *amqp.Channel) error {
+	err := publisher.OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 		_, err := ch.QueueDeclare(q.name, true, false, false, false, q.args)
 		return err
 	})
@@ -165,33 +165,6 @@ func declareQueue(ctx context.Context, conn *amqp.Connection, q queueSpec) error
 		return fmt.Errorf("declare queue %q: %w", q.name, err)
 	}
 	return nil
-}
-
-// onChannel runs f on a throwaway channel of conn (a refused declare closes
-// the channel it was made on), giving up when ctx ends.
-func onChannel(ctx context.Context, conn *amqp.Connection, f func(*amqp.Channel) error) error {
-	if conn == nil || conn.IsClosed() {
-		return fmt.Errorf("%w: the connection is closed", publisher.ErrConnectionLost)
-	}
-	done := make(chan error, 1)
-	go func() {
-		ch, err := conn.Channel()
-		if err != nil {
-			done <- fmt.Errorf("open channel: %w", err)
-			return
-		}
-		err = f(ch)
-		if !ch.IsClosed() {
-			_ = ch.Close()
-		}
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 // TopologyBuilder is watermill-amqp's TopologyBuilder for a consumer: when

@@ -59,7 +59,7 @@ func VerifyExchange(ctx context.Context, conn *amqp.Connection, producer string)
 // declareExchange declares name as a durable topic exchange on a throwaway
 // channel.
 func declareExchange(ctx context.Context, conn *amqp.Connection, name string) error {
-	return onThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
+	return OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 		err := ch.ExchangeDeclare(name, ExchangeKind, true, false, false, false, nil)
 		if err == nil {
 			return nil
@@ -76,7 +76,7 @@ func declareExchange(ctx context.Context, conn *amqp.Connection, name string) er
 // verifyExchangeExists runs a passive declare of name on a throwaway
 // channel (a missing exchange closes the channel it was asked on).
 func verifyExchangeExists(ctx context.Context, conn *amqp.Connection, name string) error {
-	return onThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
+	return OnThrowawayChannel(ctx, conn, func(ch *amqp.Channel) error {
 		err := ch.ExchangeDeclarePassive(name, ExchangeKind, true, false, false, false, nil)
 		if err == nil {
 			return nil
@@ -107,10 +107,12 @@ func (e *ExchangeMissingError) Error() string {
 // Unwrap returns ErrExchangeMissing.
 func (e *ExchangeMissingError) Unwrap() error { return ErrExchangeMissing }
 
-// onThrowawayChannel opens a channel, runs f on it and closes it. It gives
-// up when ctx ends (the channel is then closed by the goroutine when f
-// returns, which happens at the latest when the connection dies).
-func onThrowawayChannel(ctx context.Context, conn *amqp.Connection, f func(*amqp.Channel) error) error {
+// OnThrowawayChannel opens a channel, runs f on it and closes it: the way
+// to make a declaration that the broker may refuse (a refusal closes the
+// channel it was made on). It gives up when ctx ends (the channel is then
+// closed by the goroutine when f returns, which happens at the latest when
+// the connection dies).
+func OnThrowawayChannel(ctx context.Context, conn *amqp.Connection, f func(*amqp.Channel) error) error {
 	if conn == nil || conn.IsClosed() {
 		return fmt.Errorf("%w: the connection is closed", ErrConnectionLost)
 	}
