@@ -93,11 +93,7 @@ func newInboxListCmd() *cobra.Command {
 		Short: "List received messages, newest first, with filters",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}
@@ -256,11 +252,7 @@ func newInboxStatsCmd() *cobra.Command {
 		Short: "Counts by status and type, duplicates absorbed, oldest and newest",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}

@@ -34,6 +34,17 @@ func outputFormat(cmd *cobra.Command) (string, error) {
 	return f, nil
 }
 
+// loadConfigAndFormat reads the settings and the --format flag, the
+// preamble of every command that prints a table or JSON.
+func loadConfigAndFormat(cmd *cobra.Command) (Config, string, error) {
+	format, err := outputFormat(cmd)
+	if err != nil {
+		return Config{}, "", err
+	}
+	cfg, err := loadConfig(cmd)
+	return cfg, format, err
+}
+
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -46,11 +57,7 @@ func newOutboxStatusCmd() *cobra.Command {
 		Short: "Backlog and oldest unpublished event per producer",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}
@@ -114,11 +121,7 @@ func newOutboxListCmd() *cobra.Command {
 		Short: "Recent events, newest first",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}

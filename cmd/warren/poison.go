@@ -43,11 +43,7 @@ func newPoisonListCmd() *cobra.Command {
 		Short: "List parked messages with their reason, attempts and last error (they stay parked)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}

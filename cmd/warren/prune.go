@@ -47,11 +47,7 @@ rows are never deleted. --dry-run only counts.
   warren outbox prune --db app.db --outbox-retention 2d`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}
@@ -95,11 +91,7 @@ longer than any redelivery can take.
   warren inbox prune --db billing.db --app billing --dry-run`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}

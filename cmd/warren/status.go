@@ -63,11 +63,7 @@ and exits 1.
   warren status --db billing.db --app billing --format json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			format, err := outputFormat(cmd)
-			if err != nil {
-				return err
-			}
-			cfg, err := loadConfig(cmd)
+			cfg, format, err := loadConfigAndFormat(cmd)
 			if err != nil {
 				return err
 			}
