@@ -308,6 +308,7 @@ func dialError(c ConnectionConfig, err error) error {
 	var hostErr x509.HostnameError
 	var invalidCert x509.CertificateInvalidError
 	var recordErr tls.RecordHeaderError
+	var alertErr tls.AlertError
 	var opErr *net.OpError
 	var dnsErr *net.DNSError
 	switch {
@@ -336,6 +337,22 @@ func dialError(c ConnectionConfig, err error) error {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
 		de.Kind = ErrUnreachable
 		de.msg = fmt.Sprintf("cannot reach the broker at %s: no answer within the dial timeout (%s)", hostPort, c.WithDefaults().DialTimeout)
+	case errors.As(err, &alertErr), errors.As(err, &amqpErr) && !amqpErr.Server && strings.HasPrefix(amqpErr.Reason, "remote error: tls:"):
+		// The broker sent a TLS alert: during the handshake (TLS 1.2), or on
+		// the first read after it (TLS 1.3, where amqp091 keeps only the
+		// text), typically because it wants a client certificate.
+		alert := amqpErr.Reason
+		if errors.As(err, &alertErr) {
+			alert = alertErr.Error()
+		}
+		de.Kind = ErrTLS
+		de.msg = fmt.Sprintf("TLS handshake with %s was refused by the broker (%s): check cert_file and key_file: the broker may require a client certificate signed by a CA it trusts", hostPort, oneLine(alert))
+	case uri.Scheme == "amqps" && (isReset(err, amqpErr) || errors.Is(err, amqp.ErrClosed)):
+		// With TLS 1.3 a broker that refuses the client's certificate may
+		// close the connection before its alert is read: the client then
+		// sees a reset, or amqp091 only that the connection is closed.
+		de.Kind = ErrTLS
+		de.msg = fmt.Sprintf("TLS connection to %s was closed by the broker during the handshake (%s): if it requires a client certificate, check cert_file and key_file (signed by a CA the broker trusts)", hostPort, cause)
 	case errors.As(err, &amqpErr) && !amqpErr.Server && amqpErr.Code == amqp.FrameError:
 		de.msg = fmt.Sprintf("the connection to %s closed during the AMQP handshake (%s): check that this is RabbitMQ's AMQP port (5672, or 5671 for amqps)", hostPort, amqpErr.Reason)
 	case errors.As(err, &amqpErr):
@@ -344,6 +361,16 @@ func dialError(c ConnectionConfig, err error) error {
 		de.msg = fmt.Sprintf("connect to the broker at %s: %s", hostPort, cause)
 	}
 	return de
+}
+
+// isReset tells whether err, or the amqp091 error that carries only its
+// text, is a connection reset or a broken pipe.
+func isReset(err error, amqpErr *amqp.Error) bool {
+	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+		return true
+	}
+	return amqpErr != nil && !amqpErr.Server &&
+		(strings.HasSuffix(amqpErr.Reason, "connection reset by peer") || strings.HasSuffix(amqpErr.Reason, "broken pipe"))
 }
 
 // describeAMQPError renders an amqp091 error in one line: the broker's
