@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -274,6 +275,9 @@ func TestStandbyTakesOverInProcess(t *testing.T) {
 
 	second := start(t, relay.Config{DB: b.db, DBPath: b.path, Publisher: b.pub})
 	_ = second
+	fi, err := os.Stat(b.path + ".relay.lock")
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "the lock file is private")
 	time.Sleep(300 * time.Millisecond) // the second is a standby now
 	require.NoError(t, stopFirst())
 	_, err = outbox.AppendDB(ctx, b.db, outbox.Event{Producer: b.producer, Type: "t", Payload: []byte(`2`)})

@@ -37,10 +37,13 @@ func TestMigrateIsIdempotentAndChecked(t *testing.T) {
 	require.NoError(t, db.QueryRow(`PRAGMA user_version`).Scan(&uv))
 	require.Zero(t, uv)
 
-	// The file is private to its owner.
-	fi, err := os.Stat(path)
-	require.NoError(t, err)
-	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	// The file, and the -wal and -shm files SQLite makes next to it, are
+	// private to their owner.
+	for _, f := range []string{path, path + "-wal", path + "-shm"} {
+		fi, err := os.Stat(f)
+		require.NoError(t, err)
+		require.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), f)
+	}
 
 	var mode string
 	require.NoError(t, db.QueryRow(`PRAGMA journal_mode`).Scan(&mode))
