@@ -350,9 +350,10 @@ func dialError(c ConnectionConfig, err error) error {
 	case uri.Scheme == "amqps" && (isReset(err, amqpErr) || errors.Is(err, amqp.ErrClosed)):
 		// With TLS 1.3 a broker that refuses the client's certificate may
 		// close the connection before its alert is read: the client then
-		// sees a reset, or amqp091 only that the connection is closed.
-		de.Kind = ErrTLS
-		de.msg = fmt.Sprintf("TLS connection to %s was closed by the broker during the handshake (%s): if it requires a client certificate, check cert_file and key_file (signed by a CA the broker trusts)", hostPort, cause)
+		// sees a reset, or amqp091 only that the connection is closed. A
+		// TLS server that is not RabbitMQ looks the same, so this is not
+		// classed as ErrTLS; the line names both causes.
+		de.msg = fmt.Sprintf("the TLS connection to %s was closed during the AMQP handshake (%s): if the broker requires a client certificate, check cert_file and key_file (signed by a CA it trusts); otherwise check that this is RabbitMQ's amqps port (5671)", hostPort, cause)
 	case errors.As(err, &amqpErr) && !amqpErr.Server && amqpErr.Code == amqp.FrameError:
 		de.msg = fmt.Sprintf("the connection to %s closed during the AMQP handshake (%s): check that this is RabbitMQ's AMQP port (5672, or 5671 for amqps)", hostPort, amqpErr.Reason)
 	case errors.As(err, &amqpErr):
