@@ -252,11 +252,7 @@ func newInboxStatsCmd() *cobra.Command {
 		Short: "Counts by status and type, duplicates absorbed, oldest and newest",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, format, err := loadConfigAndFormat(cmd)
-			if err != nil {
-				return err
-			}
-			db, err := openDB(cmd.Context(), cfg)
+			cfg, format, db, err := loadConfigFormatAndDB(cmd)
 			if err != nil {
 				return err
 			}

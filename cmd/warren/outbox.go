@@ -45,6 +45,17 @@ func loadConfigAndFormat(cmd *cobra.Command) (Config, string, error) {
 	return cfg, format, err
 }
 
+// loadConfigFormatAndDB is loadConfigAndFormat, then opens the migrated
+// database; the caller closes it.
+func loadConfigFormatAndDB(cmd *cobra.Command) (Config, string, *dbHandle, error) {
+	cfg, format, err := loadConfigAndFormat(cmd)
+	if err != nil {
+		return cfg, format, nil, err
+	}
+	db, err := openDB(cmd.Context(), cfg)
+	return cfg, format, db, err
+}
+
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -57,11 +68,7 @@ func newOutboxStatusCmd() *cobra.Command {
 		Short: "Backlog and oldest unpublished event per producer",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, format, err := loadConfigAndFormat(cmd)
-			if err != nil {
-				return err
-			}
-			db, err := openDB(cmd.Context(), cfg)
+			_, format, db, err := loadConfigFormatAndDB(cmd)
 			if err != nil {
 				return err
 			}
