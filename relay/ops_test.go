@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 
 	"github.com/warrenmq/warren/outbox"
@@ -16,40 +15,6 @@ import (
 	wsql "github.com/warrenmq/warren/sql"
 	"github.com/warrenmq/warren/test/testenv"
 )
-
-// metric returns the value of the series name{labels} in g: a counter's or
-// gauge's value, a histogram's count; and false when there is none.
-func metric(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) (float64, bool) {
-	t.Helper()
-	mfs, err := g.Gather()
-	require.NoError(t, err)
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, m := range mf.GetMetric() {
-			have := map[string]string{}
-			for _, l := range m.GetLabel() {
-				have[l.GetName()] = l.GetValue()
-			}
-			for k, v := range labels {
-				if have[k] != v {
-					continue series
-				}
-			}
-			switch mf.GetType() {
-			case dto.MetricType_COUNTER:
-				return m.GetCounter().GetValue(), true
-			case dto.MetricType_GAUGE:
-				return m.GetGauge().GetValue(), true
-			case dto.MetricType_HISTOGRAM:
-				return float64(m.GetHistogram().GetSampleCount()), true
-			}
-		}
-	}
-	return 0, false
-}
 
 func TestMetricsCountWhatTheRelayDoes(t *testing.T) {
 	t.Parallel()
@@ -79,34 +44,34 @@ func TestMetricsCountWhatTheRelayDoes(t *testing.T) {
 	_, err = outbox.AppendDB(ctx, b.db, evs...)
 	require.NoError(t, err)
 	p := map[string]string{"producer": b.producer}
-	backlog, ok := metric(t, reg, "warren_outbox_backlog", p)
+	backlog, ok := testenv.Metric(t, reg, "warren_outbox_backlog", p)
 	require.True(t, ok)
 	require.EqualValues(t, 50, backlog, "read from the database before the relay runs")
 	time.Sleep(20 * time.Millisecond)
-	age, _ := metric(t, reg, "warren_outbox_oldest_unpublished_seconds", p)
+	age, _ := testenv.Metric(t, reg, "warren_outbox_oldest_unpublished_seconds", p)
 	require.Greater(t, age, 0.0)
 
 	stop := start(t, relay.Config{DB: b.db, DBPath: b.path, Publisher: pub, Metrics: m})
 	waitPublished(t, b.db, 50, 20*time.Second)
 	require.Eventually(t, func() bool {
-		v, _ := metric(t, reg, "warren_outbox_backlog", p)
+		v, _ := testenv.Metric(t, reg, "warren_outbox_backlog", p)
 		return v == 0
 	}, 5*time.Second, 50*time.Millisecond, "refreshed at most once per %s", relay.BacklogRefresh)
-	age, _ = metric(t, reg, "warren_outbox_oldest_unpublished_seconds", p)
+	age, _ = testenv.Metric(t, reg, "warren_outbox_oldest_unpublished_seconds", p)
 	require.Zero(t, age)
 
-	published, _ := metric(t, reg, "warren_relay_published_total", p)
-	unroutable, _ := metric(t, reg, "warren_relay_unroutable_total", p)
-	confirms, _ := metric(t, reg, "warren_relay_confirm_seconds", nil)
+	published, _ := testenv.Metric(t, reg, "warren_relay_published_total", p)
+	unroutable, _ := testenv.Metric(t, reg, "warren_relay_unroutable_total", p)
+	confirms, _ := testenv.Metric(t, reg, "warren_relay_confirm_seconds", nil)
 	require.EqualValues(t, 40, published)
 	require.EqualValues(t, 10, unroutable)
 	require.EqualValues(t, 40, confirms, "the confirms of routed events")
 	require.Equal(t, 40, testenv.QueueDepth(t, conn, queue), "published_total is what reached a queue")
 
-	handled, ok := metric(t, reg, "watermill_handler_execution_time_seconds", map[string]string{"handler_name": "warren-relay", "success": "true"})
+	handled, ok := testenv.Metric(t, reg, "watermill_handler_execution_time_seconds", map[string]string{"handler_name": "warren-relay", "success": "true"})
 	require.True(t, ok, "Watermill's router metrics")
 	require.EqualValues(t, 50, handled)
-	received, _ := metric(t, reg, "watermill_subscriber_messages_received_total", map[string]string{"handler_name": "warren-relay", "acked": "acked"})
+	received, _ := testenv.Metric(t, reg, "watermill_subscriber_messages_received_total", map[string]string{"handler_name": "warren-relay", "acked": "acked"})
 	require.EqualValues(t, 50, received)
 	require.NoError(t, stop())
 }
