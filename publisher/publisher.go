@@ -225,6 +225,8 @@ type Publisher struct {
 	ready     chan struct{} // closed (and replaced) whenever a session is installed
 	wanted    bool          // someone asked for a connection: keep one up
 	closed    bool
+	// isClosed mirrors closed for the writer, which checks it per message.
+	closedFlag atomic.Bool
 	lastErr   error // the last failed connection attempt
 	everUp    bool
 	lostSince time.Time
@@ -348,42 +350,61 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	}
 	p.want()
 
-	var errs []error
-	var pinned *session // all messages of a call go on one connection, in order
-	sent := make([]*pending, 0, len(msgs))
-	for i, m := range msgs {
-		pd, s, err := p.publishOne(m.Context(), pinned, topic, m.Metadata.Get(MetaRoutingKey), pubs[i])
-		pinned = s
-		if err != nil {
-			errs = append(errs, fmt.Errorf("publish message %s to exchange %q: %w", m.UUID, topic, err))
-			if rest := len(msgs) - i - 1; rest > 0 {
-				errs = append(errs, fmt.Errorf("%d more messages of the call to exchange %q were not published after that error", rest, topic))
-			}
-			break
-		}
-		sent = append(sent, pd)
-	}
-
+	// Queue the messages on one connection, in order, then wait for their
+	// confirms. If the connection breaks before any of them was written,
+	// the call starts again on the next connection; once one was written,
+	// the rest are not sent on another connection (they would overtake it).
 	var (
+		errs    []error
+		pds     = make([]*pending, len(msgs))
+		queued  int
 		routed  int
 		first   time.Time
 		last    time.Time
 		returns []*pending
 	)
-	for i, pd := range sent {
-		ctx := msgs[i].Context()
-		select {
-		case <-pd.done:
-		case <-ctx.Done():
-			select {
-			case <-pd.done:
-			default:
-				if pd.owner.CompareAndSwap(ownerNone, ownerDispatcher) {
-					errs = append(errs, fmt.Errorf("publish message %s to exchange %q: gave up waiting for the confirm: %w", pd.msgID, topic, context.Cause(ctx)))
-					continue
-				}
-				<-pd.done
+	for {
+		var s *session
+		var stopErr error
+		queued = 0
+		for i, m := range msgs {
+			pd, ss, err := p.enqueue(m.Context(), s, topic, m.Metadata.Get(MetaRoutingKey), pubs[i])
+			if err != nil {
+				stopErr = fmt.Errorf("publish message %s to exchange %q: %w", m.UUID, topic, err)
+				break
 			}
+			s, pds[i], queued = ss, pd, i+1
+		}
+		abandoned := false
+		for i := range queued {
+			if !p.await(msgs[i].Context(), pds[i]) {
+				abandoned = true
+			}
+		}
+		if queued > 0 && !abandoned && pds[0].unsent && !p.isClosed() {
+			continue // nothing reached the wire: start again on the next connection
+		}
+		if stopErr != nil {
+			errs = append(errs, stopErr)
+			if rest := len(msgs) - queued - 1; rest > 0 {
+				errs = append(errs, fmt.Errorf("%d more messages of the call to exchange %q were not published after that error", rest, topic))
+			}
+		}
+		break
+	}
+
+	for i, pd := range pds[:queued] {
+		if pd.abandoned {
+			errs = append(errs, fmt.Errorf("publish message %s to exchange %q: gave up waiting for the confirm: %w", pd.msgID, topic, context.Cause(msgs[i].Context())))
+			continue
+		}
+		if pd.unsent {
+			if p.isClosed() {
+				errs = append(errs, fmt.Errorf("publish message %s to exchange %q: %w", pd.msgID, topic, ErrClosed))
+			} else {
+				errs = append(errs, fmt.Errorf("not written: the connection broke after earlier messages of the call were written: %w", pd.err))
+			}
+			continue
 		}
 		if first.IsZero() || pd.sentAt.Before(first) {
 			first = pd.sentAt
@@ -422,6 +443,7 @@ func (p *Publisher) Close() error {
 	p.once.Do(func() {
 		p.mu.Lock()
 		p.closed = true
+		p.closedFlag.Store(true)
 		s := p.sess
 		p.mu.Unlock()
 		if s != nil {
@@ -473,21 +495,56 @@ func (p *Publisher) poke() {
 	}
 }
 
-// publishOne waits for a connection, the exchange and a window slot, then
-// writes pub to the channel and returns its pending confirm and the session
-// it went on. With pinned set it only writes on that session: a call's
-// messages never continue on a new connection after an earlier one of them
-// was written on a connection that broke, so they reach the wire in order.
-func (p *Publisher) publishOne(ctx context.Context, pinned *session, exchange, key string, pub amqp.Publishing) (*pending, *session, error) {
-	connTimer := time.NewTimer(p.cfg.ConfirmTimeout)
-	defer connTimer.Stop()
+// await waits for pd to be resolved or ctx to end. It returns false when
+// the caller gave up: the outcome is then the dispatcher's to report.
+func (p *Publisher) await(ctx context.Context, pd *pending) bool {
+	select {
+	case <-pd.done:
+		return true
+	case <-ctx.Done():
+		select {
+		case <-pd.done:
+			return true
+		default:
+			if pd.owner.CompareAndSwap(ownerNone, ownerDispatcher) {
+				pd.abandoned = true
+				return false
+			}
+			<-pd.done
+			return true
+		}
+	}
+}
+
+// enqueue waits for a connection, the exchange and a window slot, then
+// queues pub for the session's writer and returns its pending confirm and
+// the session. With pinned set it only queues on that session: a call's
+// messages never continue on a new connection after earlier ones went on a
+// connection that broke, so they reach the wire in order.
+func (p *Publisher) enqueue(ctx context.Context, pinned *session, exchange, key string, pub amqp.Publishing) (*pending, *session, error) {
+	// The timer exists only while there is no connection: the common
+	// path takes no timer, and every channel operation on it tries the
+	// uncontended non-blocking form first (the window and the session's
+	// dead channel are shared by every publishing goroutine).
+	var connTimer *time.Timer
+	defer func() {
+		if connTimer != nil {
+			connTimer.Stop()
+		}
+	}()
 	for {
 		if pinned != nil && pinned.isDead() {
 			return nil, nil, fmt.Errorf("not written: the connection broke after earlier messages of the call were written: %w", pinned.deadErr)
 		}
-		s, err := p.session(ctx, connTimer.C)
-		if err != nil {
-			return nil, nil, err
+		s := p.liveSession()
+		if s == nil {
+			if connTimer == nil {
+				connTimer = time.NewTimer(p.cfg.ConfirmTimeout)
+			}
+			var err error
+			if s, err = p.session(ctx, connTimer.C); err != nil {
+				return nil, nil, err
+			}
 		}
 		if err := s.ensureExchange(ctx, exchange); err != nil {
 			if errors.Is(err, errSessionDead) {
@@ -498,56 +555,99 @@ func (p *Publisher) publishOne(ctx context.Context, pinned *session, exchange, k
 		// A window slot.
 		select {
 		case p.window <- struct{}{}:
-		case <-s.dead:
-			continue
-		case <-ctx.Done():
-			return nil, nil, fmt.Errorf("waiting for a slot in the confirm window: %w", context.Cause(ctx))
-		case <-p.closing:
-			return nil, nil, ErrClosed
-		}
-		// The channel: publishes are written one at a time so that the
-		// delivery tag we note is the one the broker assigns.
-		select {
-		case s.sendLock <- struct{}{}:
-		case <-s.dead:
-			<-p.window
-			continue
-		case <-ctx.Done():
-			<-p.window
-			return nil, nil, fmt.Errorf("waiting to write to the channel: %w", context.Cause(ctx))
-		case <-p.closing:
-			<-p.window
-			return nil, nil, ErrClosed
-		}
-		if p.isClosed() {
-			<-s.sendLock
-			<-p.window
-			return nil, nil, ErrClosed
+		default:
+			select {
+			case p.window <- struct{}{}:
+			case <-s.dead:
+				continue
+			case <-ctx.Done():
+				return nil, nil, fmt.Errorf("waiting for a slot in the confirm window: %w", context.Cause(ctx))
+			case <-p.closing:
+				return nil, nil, ErrClosed
+			}
 		}
 		pd := &pending{
-			tag:      s.ch.GetNextPublishSeqNo(),
 			msgID:    pub.MessageId,
 			exchange: exchange,
 			key:      key,
+			pub:      pub,
 			done:     make(chan struct{}),
 		}
 		if !s.register(pd) {
-			<-s.sendLock
 			<-p.window
 			continue // the session died since we looked
 		}
-		err = s.ch.Publish(exchange, key, true, false, pub)
-		<-s.sendLock
-		if err != nil {
-			lost := fmt.Errorf("%w: write to the channel failed: %v", ErrConnectionLost, err)
-			s.fail(lost, true)
-			// fail resolved pd (releasing its window slot); report the
-			// write error rather than pd's.
-			return nil, nil, lost
-		}
-		p.published.Add(1)
 		return pd, s, nil
 	}
+}
+
+// writeLoop is the session's only writer of publishes: it writes them in
+// the order register queued them, so each gets the delivery tag register
+// gave it, and the deep amqp091 write path runs on one goroutine whose
+// stack has grown once, not on every caller's.
+func (s *session) writeLoop() {
+	defer s.p.wg.Done()
+	for {
+		select {
+		case pd := <-s.writes:
+			s.write(pd)
+		case <-s.dead:
+			return // fail resolved every registered publish, queued ones too
+		}
+	}
+}
+
+func (s *session) write(pd *pending) {
+	pd.written.Store(true) // before the check of dead: see fail
+	select {
+	case s.sendLock <- struct{}{}:
+	default:
+		select {
+		case s.sendLock <- struct{}{}:
+		case <-s.dead:
+			return
+		}
+	}
+	defer func() { <-s.sendLock }()
+	if s.isDead() {
+		return
+	}
+	if s.p.closedFlag.Load() {
+		// Close waits for the write in progress; nothing is written after.
+		s.mu.Lock()
+		_, ok := s.pending[pd.tag]
+		if ok {
+			s.forget(pd)
+		}
+		s.mu.Unlock()
+		if ok {
+			pd.unsent = true
+			s.resolve(pd, fmt.Errorf("publish message %s to exchange %q: %w", pd.msgID, pd.exchange, ErrClosed))
+		}
+		return
+	}
+	if tag := s.ch.GetNextPublishSeqNo(); tag != pd.tag {
+		s.fail(fmt.Errorf("%w: delivery tag %d is out of step with the channel's %d", ErrConnectionLost, pd.tag, tag), true)
+		return
+	}
+	pub := pd.pub
+	pd.pub = amqp.Publishing{}
+	if err := s.ch.Publish(pd.exchange, pd.key, true, false, pub); err != nil {
+		s.fail(fmt.Errorf("%w: write to the channel failed: %v", ErrConnectionLost, err), true)
+		return
+	}
+	s.p.published.Add(1)
+}
+
+// liveSession returns the live session, or nil when there is none now.
+func (p *Publisher) liveSession() *session {
+	p.mu.Lock()
+	s, closed := p.sess, p.closed
+	p.mu.Unlock()
+	if closed || s == nil || s.isDead() {
+		return nil
+	}
+	return s
 }
 
 // session returns the live session, waiting for one until ctx ends, timeout
@@ -732,19 +832,24 @@ func (p *Publisher) open(ctx context.Context) (*session, error) {
 		conn:      conn,
 		ch:        ch,
 		sendLock:  make(chan struct{}, 1),
+		writes:    make(chan *pending, p.cfg.Window),
+		next:      1,
 		pending:   make(map[uint64]*pending),
 		byID:      make(map[string][]*pending),
 		oldest:    1,
 		dead:      make(chan struct{}),
 		exchanges: make(map[string]*exchangeState),
 		unblocked: time.Now(),
-		// Returns and confirms are unbuffered and drained by one goroutine:
-		// amqp091 delivers both synchronously from the connection's reader
-		// goroutine in wire order, and RabbitMQ sends a message's
-		// basic.return before its basic.ack, so the dispatcher always sees a
-		// return before the confirm of the same publish.
-		returns:   ch.NotifyReturn(make(chan amqp.Return)),
-		confirms:  ch.NotifyPublish(make(chan amqp.Confirmation)),
+		// Returns and confirms are drained by one goroutine. amqp091
+		// delivers both from the connection's reader goroutine in wire
+		// order, and RabbitMQ sends a message's basic.return before its
+		// basic.ack, so a return is in its buffer before the confirm of the
+		// same publish is in its own: the dispatcher takes every buffered
+		// return before each confirm. The buffers let the reader hand over
+		// a multiple ack's confirms without waiting for the dispatcher to
+		// be scheduled for each one.
+		returns:   ch.NotifyReturn(make(chan amqp.Return, 64)),
+		confirms:  ch.NotifyPublish(make(chan amqp.Confirmation, p.cfg.Window)),
 		chClose:   ch.NotifyClose(make(chan *amqp.Error, 1)),
 		connClose: conn.NotifyClose(make(chan *amqp.Error, 1)),
 		blocks:    conn.NotifyBlocked(make(chan amqp.Blocking, 4)),
@@ -753,8 +858,9 @@ func (p *Publisher) open(ctx context.Context) (*session, error) {
 		_ = conn.CloseDeadline(time.Now().Add(time.Second))
 		return nil, fmt.Errorf("put the channel in confirm mode on %s: %w", p.url, err)
 	}
-	p.wg.Add(1)
+	p.wg.Add(2)
 	go s.dispatch()
+	go s.writeLoop()
 	return s, nil
 }
 
@@ -766,6 +872,15 @@ type pending struct {
 	key      string
 	sentAt   time.Time
 	clock    time.Duration // the session's unblocked clock at send
+	pub      amqp.Publishing // until the writer takes it
+
+	// written is set by the writer before it writes (or finds the session
+	// dead); unsent is set, before done is closed, on a publish that was
+	// resolved without being written.
+	written atomic.Bool
+	unsent  bool
+	// abandoned is set by the caller that gave up waiting.
+	abandoned bool
 
 	// Set by the dispatcher before done is closed.
 	returned   bool
@@ -793,6 +908,7 @@ type session struct {
 	ch   *amqp.Channel
 
 	sendLock chan struct{}
+	writes   chan *pending // registered publishes, in tag order, for writeLoop
 
 	returns   <-chan amqp.Return
 	confirms  <-chan amqp.Confirmation
@@ -819,6 +935,9 @@ type session struct {
 type exchangeState struct {
 	done chan struct{}
 	err  error
+	// ok is set once the exchange is known to exist: the publish path
+	// then takes no channel operation for it.
+	ok atomic.Bool
 }
 
 func (s *session) isDead() bool {
@@ -838,13 +957,15 @@ func (s *session) clock() time.Duration {
 	return s.active + time.Since(s.unblocked)
 }
 
-// register records pd before it is written; false if the session is dead.
+// register gives pd its delivery tag, records it and queues it for the
+// writer; false if the session is dead.
 func (s *session) register(pd *pending) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.isDead() {
 		return false
 	}
+	pd.tag = s.next
 	pd.sentAt = time.Now()
 	pd.clock = s.clock()
 	s.pending[pd.tag] = pd
@@ -853,6 +974,8 @@ func (s *session) register(pd *pending) bool {
 		s.oldest = pd.tag
 	}
 	s.next = pd.tag + 1
+	// Never blocks: every queued publish holds one of the Window slots.
+	s.writes <- pd
 	if n := int64(len(s.pending)); n > s.p.maxOutstanding.Load() {
 		for {
 			cur := s.p.maxOutstanding.Load()
@@ -934,6 +1057,7 @@ func (s *session) fail(err error, closeConn bool) {
 	s.mu.Unlock()
 
 	for _, pd := range outstanding {
+		pd.unsent = !pd.written.Load()
 		s.p.failed.Add(1)
 		s.resolve(pd, fmt.Errorf("publish message %s to exchange %q: %w", pd.msgID, pd.exchange, err))
 	}
@@ -985,6 +1109,21 @@ func (s *session) dispatch() {
 				confirms = nil
 				s.fail(s.lostError("the channel closed"), true)
 				continue
+			}
+			// Returns that came before this confirm on the wire.
+		drain:
+			for returns != nil {
+				select {
+				case r, ok := <-returns:
+					if !ok {
+						returns = nil
+						s.fail(s.lostError("the channel closed"), true)
+						break drain
+					}
+					s.onReturn(r)
+				default:
+					break drain
+				}
 			}
 			s.onConfirm(c)
 		case b, ok := <-blocks:
@@ -1108,6 +1247,10 @@ func (s *session) ensureExchange(ctx context.Context, exchange string) error {
 	}
 	s.exMu.Lock()
 	st := s.exchanges[exchange]
+	if st != nil && st.ok.Load() {
+		s.exMu.Unlock()
+		return nil
+	}
 	if st == nil {
 		st = &exchangeState{done: make(chan struct{})}
 		s.exchanges[exchange] = st
@@ -1126,6 +1269,7 @@ func (s *session) ensureExchange(ctx context.Context, exchange string) error {
 				s.exMu.Unlock()
 			}
 			st.err = err
+			st.ok.Store(err == nil)
 			close(st.done)
 		}()
 	}

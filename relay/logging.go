@@ -1,6 +1,8 @@
 package relay
 
 import (
+	"context"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -10,10 +12,15 @@ import (
 // quietLogger passes Watermill's logs through, but lets the same error
 // message out at most once per interval, with the number it held back: a
 // lost connection fails every in-flight publish at once, and one line says
-// as much as 512.
+// as much as 512. It also drops Trace, Debug and Info calls before
+// Watermill's adapter turns their fields into attributes when the level is
+// off: the router logs twice per message at Trace.
 type quietLogger struct {
 	watermill.LoggerAdapter
 	state *quietState
+	// trace and debug say whether those levels reach the handler (Info is
+	// mapped to Debug).
+	trace, debug bool
 }
 
 type quietState struct {
@@ -23,8 +30,35 @@ type quietState struct {
 	held     map[string]int
 }
 
-func newQuietLogger(l watermill.LoggerAdapter, interval time.Duration) watermill.LoggerAdapter {
-	return &quietLogger{LoggerAdapter: l, state: &quietState{interval: interval, last: map[string]time.Time{}, held: map[string]int{}}}
+// newQuietLogger logs to log through Watermill's slog adapter, Info
+// mapped to Debug.
+func newQuietLogger(log *slog.Logger, interval time.Duration) watermill.LoggerAdapter {
+	l := watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug})
+	ctx := context.Background()
+	return &quietLogger{
+		LoggerAdapter: l,
+		state:         &quietState{interval: interval, last: map[string]time.Time{}, held: map[string]int{}},
+		trace:         log.Enabled(ctx, watermill.LevelTrace),
+		debug:         log.Enabled(ctx, slog.LevelDebug),
+	}
+}
+
+func (q *quietLogger) Trace(msg string, fields watermill.LogFields) {
+	if q.trace {
+		q.LoggerAdapter.Trace(msg, fields)
+	}
+}
+
+func (q *quietLogger) Debug(msg string, fields watermill.LogFields) {
+	if q.debug {
+		q.LoggerAdapter.Debug(msg, fields)
+	}
+}
+
+func (q *quietLogger) Info(msg string, fields watermill.LogFields) {
+	if q.debug {
+		q.LoggerAdapter.Info(msg, fields)
+	}
 }
 
 func (q *quietLogger) Error(msg string, err error, fields watermill.LogFields) {
@@ -46,5 +80,5 @@ func (q *quietLogger) Error(msg string, err error, fields watermill.LogFields) {
 }
 
 func (q *quietLogger) With(fields watermill.LogFields) watermill.LoggerAdapter {
-	return &quietLogger{LoggerAdapter: q.LoggerAdapter.With(fields), state: q.state}
+	return &quietLogger{LoggerAdapter: q.LoggerAdapter.With(fields), state: q.state, trace: q.trace, debug: q.debug}
 }

@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/gofrs/flock"
 
@@ -104,10 +102,11 @@ func (r *Relay) Run(ctx context.Context) error {
 	})
 	go mk.run()
 
-	sub := &subscriber{cfg: r.cfg, db: r.cfg.DB, wake: watcher.C, marks: mk, msgCtx: msgCtx, log: log, stopped: make(chan struct{})}
+	sub := &subscriber{cfg: r.cfg, db: r.cfg.DB, wake: watcher.C, marks: mk, msgCtx: msgCtx, log: log,
+		stopped: make(chan struct{}), results: make(chan result, r.cfg.Window)}
 
 	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: r.cfg.DrainTimeout},
-		newQuietLogger(watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug}), 5*time.Second))
+		newQuietLogger(log, 5*time.Second))
 	if err != nil {
 		mk.close()
 		<-mk.done
@@ -118,7 +117,9 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	pub := r.cfg.Publisher
 	router.AddConsumerHandler("warren-relay", "warren_outbox", sub, func(msg *message.Message) error {
-		return pub.Publish(msg.Metadata.Get(publisher.MetaExchange), msg)
+		err := pub.Publish(msg.Metadata.Get(publisher.MetaExchange), msg)
+		sub.report(msg, err == nil) // the router acks or nacks msg as it returns
+		return err
 	})
 
 	log.Info("relay started", "db", r.cfg.DBPath, "window", r.cfg.Window)

@@ -15,9 +15,14 @@ import (
 
 // subscriber is a Watermill message.Subscriber over warren_outbox. It emits
 // rows in seq order with at most one row per aggregate in flight, up to
-// Window rows in all; an acked row is handed to the marker, a nacked one is
-// read again and re-emitted after a backoff, ahead of the later rows of its
-// aggregate, which wait.
+// Window rows in all; a published row is handed to the marker, a failed one
+// is read again and re-emitted after a backoff, ahead of the later rows of
+// its aggregate, which wait.
+//
+// The relay's handler tells the subscriber the outcome of each message
+// (report) as it returns to the router, which then acks or nacks the
+// message: the same fact the message's Acked and Nacked channels carry,
+// without a goroutine per message waiting on them.
 type subscriber struct {
 	cfg     Config
 	db      *sql.DB
@@ -26,6 +31,7 @@ type subscriber struct {
 	msgCtx  context.Context
 	log     *slog.Logger
 	stopped chan struct{}
+	results chan result
 }
 
 var _ message.Subscriber = (*subscriber)(nil)
@@ -40,8 +46,15 @@ type pending struct {
 }
 
 type result struct {
-	p     *pending
+	msg   *message.Message
 	acked bool
+}
+
+// report tells the subscriber that the handler is done with msg, which it
+// emitted: published (acked) or not. It never blocks: at most Window
+// messages are in flight and results holds as many.
+func (s *subscriber) report(msg *message.Message, acked bool) {
+	s.results <- result{msg: msg, acked: acked}
 }
 
 // Subscribe starts emitting. The channel closes after ctx is done and every
@@ -75,7 +88,8 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 		held     int // rows held in memory: ready, waiting, in flight, retrying
 		heldSize int
 		draining bool
-		results  = make(chan result, s.cfg.Window)
+		results  = s.results
+		flying   = make(map[*message.Message]*pending, s.cfg.Window)
 		retries  = make(chan *pending)
 		quit     = make(chan struct{})
 		next     *message.Message
@@ -148,16 +162,8 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 		select {
 		case sendCh <- next:
 			inflight++
-			msg, p := next, nextP
+			flying[next] = nextP
 			next, nextP = nil, nil
-			go func() {
-				select {
-				case <-msg.Acked():
-					results <- result{p: p, acked: true}
-				case <-msg.Nacked():
-					results <- result{p: p}
-				}
-			}()
 
 		case batch := <-batchCh:
 			for i := range batch {
@@ -173,18 +179,24 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 			}
 
 		case r := <-results:
+			p, ok := flying[r.msg]
+			if !ok {
+				s.log.Error("relay: outcome reported for a message the subscriber did not emit", "uuid", r.msg.UUID)
+				continue
+			}
+			delete(flying, r.msg)
 			inflight--
 			if r.acked {
-				s.marks.add(r.p.row.Seq)
-				release(r.p)
+				s.marks.add(p.row.Seq)
+				release(p)
 				continue
 			}
 			if draining {
-				release(r.p) // stays unpublished; the next run publishes it
+				release(p) // stays unpublished; the next run publishes it
 				continue
 			}
-			s.log.Debug("publish failed; will retry", "seq", r.p.row.Seq, "event_id", r.p.row.EventID, "attempt", r.p.attempts+1)
-			retryLater(r.p)
+			s.log.Debug("publish failed; will retry", "seq", p.row.Seq, "event_id", p.row.EventID, "attempt", p.attempts+1)
+			retryLater(p)
 
 		case p := <-retries:
 			if draining {

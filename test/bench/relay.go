@@ -9,7 +9,9 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"runtime/trace"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -154,9 +156,58 @@ func (b *bench) relayDrain(ctx context.Context, n int, label string, maxQueue in
 	}
 	d := drain{rate: rate{N: n, Took: end.Sub(start), CPU: cpu}, HWMKiB: hwm}
 	d.First, d.Last = prog.pace(n)
+	if b.o.verbose {
+		if tl, err := markTimeline(ctx, ro, start, 10); err == nil {
+			b.logf("%s: rows marked per tenth of the drain, from the relay's start: %s", label, tl)
+		}
+	}
 	b.logf("%s: %d rows in %s: %.0f events/s (%.0f/s over rows 10-20%%, %.0f/s over rows 80-90%%), peak RSS %.1f MiB (%s)",
 		label, n, d.Took.Round(time.Millisecond), d.PerSec(), d.First, d.Last, float64(hwm)/1024, cpu)
 	return d, nil
+}
+
+// markTimeline splits the time from start to the last published_at into
+// parts and says how many rows were marked in each: where a drain was slow.
+func markTimeline(ctx context.Context, ro *sql.DB, start time.Time, parts int) (string, error) {
+	rows, err := ro.QueryContext(ctx, `SELECT published_at FROM warren_outbox WHERE published_at IS NOT NULL`)
+	if err != nil {
+		return "", err
+	}
+	defer rows.Close()
+	var at []time.Time
+	var last time.Time
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			return "", err
+		}
+		t, err := wsql.ParseTime(s)
+		if err != nil {
+			return "", err
+		}
+		at = append(at, t)
+		if t.After(last) {
+			last = t
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return "", err
+	}
+	span := last.Sub(start)
+	if span <= 0 {
+		return "", errors.New("no span")
+	}
+	counts := make([]int, parts)
+	for _, t := range at {
+		i := int(float64(t.Sub(start)) / float64(span) * float64(parts))
+		counts[min(max(i, 0), parts-1)]++
+	}
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "%s per part:", (span / time.Duration(parts)).Round(time.Millisecond))
+	for _, c := range counts {
+		fmt.Fprintf(&sb, " %d", c)
+	}
+	return sb.String(), nil
 }
 
 // minUnpublished returns the lowest unpublished seq, 0 when every row is
@@ -308,6 +359,14 @@ func (b *bench) profileDrain(ctx context.Context, n int, dir string) (string, er
 	if err := pprof.StartCPUProfile(f); err != nil {
 		return "", err
 	}
+	tf, err := os.Create(filepath.Join(dir, "relay.trace"))
+	if err != nil {
+		return "", err
+	}
+	defer tf.Close()
+	if err := trace.Start(tf); err != nil {
+		return "", err
+	}
 	rctx, stop := context.WithCancel(ctx)
 	exited := make(chan struct{})
 	go func() { defer close(exited); _ = r.Run(rctx) }()
@@ -336,13 +395,14 @@ func (b *bench) profileDrain(ctx context.Context, n int, dir string) (string, er
 	took := time.Since(start)
 	outstanding := stopSampling()
 	pprof.StopCPUProfile()
+	trace.Stop()
 	<-heapDone
 	stop()
 	<-exited
 	if err != nil {
 		return "", err
 	}
-	b.logf("figure 2, profiled in process: %d rows in %s (%.0f events/s), %.0f awaiting their confirm on average; CPU profile in %s (go tool pprof -top %s), heap profile next to it", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), outstanding, file, file)
+	b.logf("figure 2, profiled in process: %d rows in %s (%.0f events/s), %.0f awaiting their confirm on average; CPU profile in %s (go tool pprof -top %s), heap profile and execution trace (go tool trace) next to it", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), outstanding, file, file)
 	return file, nil
 }
 
