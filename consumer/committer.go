@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/warrenmq/warren/inbox"
+	wsql "github.com/warrenmq/warren/sql"
 )
 
 // abandonGrace is how long past its deadline a handler may take to return
@@ -190,11 +191,14 @@ const (
 // transaction (when a handler had to be abandoned).
 func (c *committer) run(batch []*job) []*job {
 	ctx := context.WithoutCancel(c.base)
-	tx, err := c.db.BeginTx(ctx, nil)
+	// The inbox often lives in the application's database: wait for the
+	// write lock in a way that a busy application cannot starve.
+	tx, done, err := wsql.BeginWrite(ctx, c.db, wsql.DefaultBusyTimeout)
 	if err != nil {
 		c.failAll(batch, fmt.Errorf("inbox: begin: %w", err))
 		return nil
 	}
+	defer done()
 	x := &txExec{tx: tx, cache: &c.stmts}
 	results := make([]jobResult, len(batch))
 	for i, j := range batch {

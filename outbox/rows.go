@@ -166,7 +166,9 @@ func ReadUnpublished(ctx context.Context, q Querier, afterSeq int64, limit, maxP
 		return nil, fmt.Errorf("read outbox: %w", err)
 	}
 	defer rows.Close()
-	out := make([]Row, 0, limit)
+	// Most reads, one per commit the relay is told of, find a few rows: a
+	// slice of limit rows each time would be most of the relay's garbage.
+	var out []Row
 	for rows.Next() {
 		r, err := scanRow(rows, maxPayload)
 		if err != nil {
@@ -194,32 +196,32 @@ func Get(ctx context.Context, q Querier, seq int64, maxPayload int) (Row, bool, 
 }
 
 // MarkPublished sets published_at on the rows with the given seqs in one
-// short transaction. Call it only after the broker confirmed them.
+// short transaction. Call it only after the broker confirmed them. It waits
+// for the write lock with sql.WriteTx, so that an application committing
+// constantly does not keep it waiting for seconds.
 func MarkPublished(ctx context.Context, db *sql.DB, seqs []int64, at time.Time) error {
 	if len(seqs) == 0 {
 		return nil
 	}
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("mark published: begin: %w", err)
-	}
-	defer func() { _ = tx.Rollback() }()
 	ts := wsql.FormatTime(at)
 	const chunk = 500
-	for start := 0; start < len(seqs); start += chunk {
-		part := seqs[start:min(start+chunk, len(seqs))]
-		args := make([]any, 0, len(part)+1)
-		args = append(args, ts)
-		for _, s := range part {
-			args = append(args, s)
+	err := wsql.WriteTx(ctx, db, wsql.DefaultBusyTimeout, func(tx *sql.Tx) error {
+		for start := 0; start < len(seqs); start += chunk {
+			part := seqs[start:min(start+chunk, len(seqs))]
+			args := make([]any, 0, len(part)+1)
+			args = append(args, ts)
+			for _, s := range part {
+				args = append(args, s)
+			}
+			q := `UPDATE warren_outbox SET published_at = ? WHERE published_at IS NULL AND seq IN (?` + strings.Repeat(",?", len(part)-1) + `)`
+			if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+				return err
+			}
 		}
-		q := `UPDATE warren_outbox SET published_at = ? WHERE published_at IS NULL AND seq IN (?` + strings.Repeat(",?", len(part)-1) + `)`
-		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
-			return fmt.Errorf("mark published: %w", err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("mark published: commit: %w", err)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("mark published: %w", err)
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package sql_test
 
 import (
 	"context"
+	dbsql "database/sql"
 	"errors"
 	"os"
 	"path/filepath"
@@ -110,4 +111,96 @@ func TestPruneBatchesLeavesTheLockToOthers(t *testing.T) {
 	cancel()
 	_, err = wsql.PruneBatches(cctx, 10, func(context.Context, int) (int64, error) { return 10, nil })
 	require.ErrorIs(t, err, context.Canceled)
+}
+
+// A writer that commits constantly, holding the lock for a millisecond and
+// leaving it free for a fraction of one, does not keep WriteTx out: it
+// finds the gaps. (SQLite's own busy handler sleeps up to 100 ms between
+// tries and can lose to such a writer for seconds.)
+func TestWriteTxFindsTheGapsOfABusyWriter(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "app.db")
+	db, err := wsql.Open(ctx, path, wsql.Options{})
+	require.NoError(t, err)
+	defer db.Close()
+	db.SetMaxOpenConns(1) // WriteTx must hand back the one connection as it found it
+	_, err = db.Exec(`CREATE TABLE t (who TEXT)`)
+	require.NoError(t, err)
+
+	app, err := wsql.Open(ctx, path, wsql.Options{})
+	require.NoError(t, err)
+	defer app.Close()
+	stop := make(chan struct{})
+	var commits atomic.Int64
+	appDone := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				appDone <- nil
+				return
+			default:
+			}
+			tx, err := app.BeginTx(ctx, nil)
+			if err != nil {
+				appDone <- err
+				return
+			}
+			if _, err := tx.Exec(`INSERT INTO t VALUES ('app')`); err != nil {
+				appDone <- err
+				return
+			}
+			time.Sleep(time.Millisecond)
+			if err := tx.Commit(); err != nil {
+				appDone <- err
+				return
+			}
+			commits.Add(1)
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	for commits.Load() < 20 {
+		time.Sleep(time.Millisecond)
+	}
+
+	for range 5 {
+		start := time.Now()
+		err := wsql.WriteTx(ctx, db, 5*time.Second, func(tx *dbsql.Tx) error {
+			_, err := tx.Exec(`INSERT INTO t VALUES ('relay')`)
+			return err
+		})
+		require.NoError(t, err)
+		t.Logf("WriteTx took the lock after %s while the application committed", time.Since(start).Round(10*time.Microsecond))
+	}
+	before := commits.Load()
+	for commits.Load() < before+20 {
+		time.Sleep(time.Millisecond)
+	}
+	close(stop)
+	require.NoError(t, <-appDone)
+
+	var n int
+	require.NoError(t, db.QueryRow(`SELECT count(*) FROM t WHERE who = 'relay'`).Scan(&n))
+	require.Equal(t, 5, n)
+	var busy int
+	require.NoError(t, db.QueryRow(`PRAGMA busy_timeout`).Scan(&busy))
+	require.Equal(t, int(wsql.DefaultBusyTimeout.Milliseconds()), busy, "busy timeout restored")
+
+	// fn's error rolls back; a lock held throughout runs the wait out.
+	boom := errors.New("boom")
+	require.ErrorIs(t, wsql.WriteTx(ctx, db, time.Second, func(tx *dbsql.Tx) error {
+		_, err := tx.Exec(`INSERT INTO t VALUES ('rolled back')`)
+		require.NoError(t, err)
+		return boom
+	}), boom)
+	require.NoError(t, db.QueryRow(`SELECT count(*) FROM t WHERE who = 'rolled back'`).Scan(&n))
+	require.Zero(t, n)
+	tx, err := app.BeginTx(ctx, nil)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback() }()
+	err = wsql.WriteTx(ctx, db, 100*time.Millisecond, func(*dbsql.Tx) error { return nil })
+	require.Error(t, err)
+	require.True(t, wsql.IsBusy(err), "%v", err)
+	require.Contains(t, err.Error(), "write lock")
 }

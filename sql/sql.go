@@ -120,6 +120,10 @@ func DSN(file string, opts Options) string {
 	q.Set("_txlock", "immediate")
 	q.Set("_foreign_keys", "on")
 	q.Set("_synchronous", syncMode)
+	// Keep prepared statements per connection: the relay reads the outbox
+	// after every commit, and preparing the query costs more than running
+	// it.
+	q.Set("_stmt_cache_size", "32")
 	if opts.ReadOnly {
 		q.Set("mode", "ro")
 	}
