@@ -25,7 +25,14 @@ func TestMigrateIsIdempotentAndChecked(t *testing.T) {
 
 	applied, err := wsql.Migrate(ctx, db)
 	require.NoError(t, err)
-	require.Equal(t, []int{wsql.LatestVersion()}, applied)
+	ms, err := wsql.Migrations()
+	require.NoError(t, err)
+	var all []int
+	for _, m := range ms {
+		all = append(all, m.Version)
+	}
+	require.Equal(t, all, applied)
+	require.Equal(t, wsql.LatestVersion(), all[len(all)-1])
 	require.NoError(t, wsql.Check(ctx, db))
 
 	applied, err = wsql.Migrate(ctx, db)
@@ -124,4 +131,68 @@ func TestConcurrentWritersDoNotFailBusy(t *testing.T) {
 	var n int
 	require.NoError(t, db1.QueryRow(`SELECT count(*) FROM t`).Scan(&n))
 	require.Equal(t, 400, n)
+}
+
+// A database at version 1, with inbox rows, upgrades to a rowid inbox that
+// keeps every row and still refuses a second row for the same message.
+func TestMigrateFromVersion1KeepsTheInbox(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db, err := wsql.Open(ctx, filepath.Join(t.TempDir(), "app.db"), wsql.Options{})
+	require.NoError(t, err)
+	defer db.Close()
+	ms, err := wsql.Migrations()
+	require.NoError(t, err)
+	require.Equal(t, 1, ms[0].Version)
+	_, err = db.Exec(ms[0].SQL)
+	require.NoError(t, err)
+	_, err = db.Exec(`CREATE TABLE warren_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL,
+		applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))`)
+	require.NoError(t, err)
+	_, err = db.Exec(`INSERT INTO warren_schema (version, name) VALUES (1, ?)`, ms[0].Name)
+	require.NoError(t, err)
+	_, err = db.Exec(`INSERT INTO warren_inbox (consumer, message_id, producer, event_type, body, status, attempts,
+		duplicates, last_attempt, last_error, first_received_at, processed_at)
+		VALUES ('billing', 'm-1', 'crm', 'company.updated', x'7b7d', 'processed', 1, 2, 0, NULL, '2026-11-22T10:00:00.000Z', '2026-11-22T10:00:00.005Z'),
+		       ('billing', 'm-2', 'crm', 'company.deleted', NULL, 'poisoned', 5, 0, 0, 'boom', '2026-11-22T10:00:01.000Z', NULL)`)
+	require.NoError(t, err)
+	require.ErrorIs(t, wsql.Check(ctx, db), wsql.ErrNotMigrated)
+
+	applied, err := wsql.Migrate(ctx, db)
+	require.NoError(t, err)
+	require.Equal(t, []int{2}, applied)
+	require.NoError(t, wsql.Check(ctx, db))
+
+	type row struct {
+		id, typ, status string
+		body            []byte
+		attempts, dups  int
+		lastErr         *string
+		received        string
+		processed       *string
+	}
+	rows, err := db.Query(`SELECT message_id, event_type, status, body, attempts, duplicates, last_error, first_received_at, processed_at
+		FROM warren_inbox WHERE consumer = 'billing' ORDER BY message_id`)
+	require.NoError(t, err)
+	var got []row
+	for rows.Next() {
+		var r row
+		require.NoError(t, rows.Scan(&r.id, &r.typ, &r.status, &r.body, &r.attempts, &r.dups, &r.lastErr, &r.received, &r.processed))
+		got = append(got, r)
+	}
+	require.NoError(t, rows.Err())
+	require.Len(t, got, 2)
+	require.Equal(t, "m-1", got[0].id)
+	require.Equal(t, []byte("{}"), got[0].body)
+	require.Equal(t, 2, got[0].dups)
+	require.Equal(t, "2026-11-22T10:00:00.005Z", *got[0].processed)
+	require.Equal(t, "poisoned", got[1].status)
+	require.Equal(t, "boom", *got[1].lastErr)
+	require.Nil(t, got[1].body)
+
+	_, err = db.Exec(`INSERT INTO warren_inbox (consumer, message_id, status) VALUES ('billing', 'm-1', 'processed')`)
+	require.Error(t, err, "(consumer, message_id) stays unique")
+	var indexes int
+	require.NoError(t, db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'warren_inbox' AND name LIKE 'warren_inbox_%'`).Scan(&indexes))
+	require.Equal(t, 5, indexes)
 }

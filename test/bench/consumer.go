@@ -5,6 +5,9 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"fmt"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
 	"sync/atomic"
 	"time"
 
@@ -87,14 +90,21 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 	}
 	bar := newBar(n, "3 consumer: queue to inbox")
 	stopBar := follow(bar, &handled)
+	stopProfile, err := b.cpuProfile("consumer-cpu.pprof")
+	if err != nil {
+		stopBar()
+		return rate{}, rate{}, "", err
+	}
 	m := b.meter(0)
 	start := time.Now()
 	if err := c.Start(ctx); err != nil {
 		stopBar()
+		stopProfile()
 		return rate{}, rate{}, "", err
 	}
 	end, err := waitInbox(ctx, db, cfg.Consumer, n, &handled, c.Stopped(), 10*time.Minute)
 	cpu := m.stop()
+	stopProfile()
 	stopBar()
 	if serr := c.Stop(context.Background()); err == nil && serr != nil {
 		err = serr
@@ -123,6 +133,28 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 	rr := rate{N: n, Took: took, CPU: m.stop()}
 	b.logf("figure 3: raw consume-and-ack of %d messages in %s: %.0f msgs/s (%s; %s)", n, took.Round(time.Millisecond), rr.PerSec(), setup, rr.CPU)
 	return cr, rr, setup, nil
+}
+
+// cpuProfile starts a CPU profile of this process into name in the
+// --profile folder, and returns the func that stops it; without --profile
+// it does nothing.
+func (b *bench) cpuProfile(name string) (func(), error) {
+	if b.o.profile == "" {
+		return func() {}, nil
+	}
+	if err := os.MkdirAll(b.o.profile, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.Create(filepath.Join(b.o.profile, name))
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	b.logf("CPU profile of this process in %s", f.Name())
+	return func() { pprof.StopCPUProfile(); _ = f.Close() }, nil
 }
 
 // fillQueue publishes msgs to the producer's exchange and waits until queue

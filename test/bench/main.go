@@ -102,7 +102,7 @@ func main() {
 	var only string
 	flag.BoolVar(&o.quick, "quick", false, "smaller sizes, finishes in under two minutes")
 	flag.StringVar(&only, "only", "", "run only these figures, e.g. 1,2,5 (ratios need the figures they compare)")
-	flag.StringVar(&o.profile, "profile", "", "also drain the figure 2 backlog once with the relay in process and write a CPU profile to this folder")
+	flag.StringVar(&o.profile, "profile", "", "also drain the figure 2 backlog once with the relay in process and write its CPU and heap profiles and execution trace to this folder, and profile the consumer of figure 3")
 	flag.IntVar(&o.repeat, "repeat", 1, "measure the limit and the relay drain this many times in turn; the median ratio counts")
 	flag.BoolVar(&o.verbose, "verbose", false, "print the relay's log lines and the end-to-end latencies over time")
 	flag.Usage = func() {
