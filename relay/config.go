@@ -14,7 +14,7 @@ import (
 const (
 	DefaultWindow          = 512
 	DefaultBatchSize       = 500
-	DefaultMaxBufferedRows = 8192
+	DefaultMaxBufferedRows = 2048
 	DefaultMaxBufferBytes  = 16 << 20
 	DefaultRetryMin        = 200 * time.Millisecond
 	DefaultRetryMax        = 30 * time.Second
