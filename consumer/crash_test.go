@@ -92,7 +92,7 @@ func (p *proc) waitReady(t *testing.T) bool {
 
 func TestKillNineWhileHandling(t *testing.T) {
 	t.Parallel()
-	const n, kills = 20_000, 10
+	const n, kills = 30_000, 10
 	b := setup(t)
 	ctx := context.Background()
 	cfg := b.track(consumer.Config{Consumer: b.name, DB: b.db, From: b.cfg.From, RetryDelays: []time.Duration{100 * time.Millisecond}})
@@ -111,7 +111,7 @@ func TestKillNineWhileHandling(t *testing.T) {
 	for range kills {
 		p := startProc(t, b)
 		require.True(t, p.waitReady(t), "the crash consumer exited before it was ready")
-		time.Sleep(time.Duration(50+rng.IntN(450)) * time.Millisecond)
+		time.Sleep(time.Duration(50+rng.IntN(250)) * time.Millisecond)
 		require.NoError(t, p.cmd.Process.Signal(syscall.SIGKILL))
 		<-p.done
 		atKill = append(atKill, processed())

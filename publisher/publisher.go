@@ -220,16 +220,17 @@ type Publisher struct {
 
 	window chan struct{} // one token per outstanding confirm
 
-	mu        sync.Mutex
-	sess      *session
-	ready     chan struct{} // closed (and replaced) whenever a session is installed
-	wanted    bool          // someone asked for a connection: keep one up
-	closed    bool
-	// isClosed mirrors closed for the writer, which checks it per message.
+	mu     sync.Mutex
+	sess   *session
+	ready  chan struct{} // closed (and replaced) whenever a session is installed
+	wanted bool          // someone asked for a connection: keep one up
+	closed bool
+	// closedFlag mirrors closed for the checks made per message (isClosed,
+	// the writer), which take no lock.
 	closedFlag atomic.Bool
-	lastErr   error // the last failed connection attempt
-	everUp    bool
-	lostSince time.Time
+	lastErr    error // the last failed connection attempt
+	everUp     bool
+	lostSince  time.Time
 
 	dialLock chan struct{} // serializes connection attempts
 	wake     chan struct{}
@@ -402,7 +403,7 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 			if p.isClosed() {
 				errs = append(errs, fmt.Errorf("publish message %s to exchange %q: %w", pd.msgID, topic, ErrClosed))
 			} else {
-				errs = append(errs, fmt.Errorf("not written: the connection broke after earlier messages of the call were written: %w", pd.err))
+				errs = append(errs, fmt.Errorf("%s: %w", notWrittenAfterBreak, pd.err))
 			}
 			continue
 		}
@@ -471,11 +472,7 @@ func (p *Publisher) Close() error {
 	return nil
 }
 
-func (p *Publisher) isClosed() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.closed
-}
+func (p *Publisher) isClosed() bool { return p.closedFlag.Load() }
 
 // want asks the background loop to keep a connection up.
 func (p *Publisher) want() {
@@ -494,6 +491,10 @@ func (p *Publisher) poke() {
 	default:
 	}
 }
+
+// notWrittenAfterBreak says why a message of a call was not sent on the
+// next connection.
+const notWrittenAfterBreak = "not written: the connection broke after earlier messages of the call were written"
 
 // await waits for pd to be resolved or ctx to end. It returns false when
 // the caller gave up: the outcome is then the dispatcher's to report.
@@ -534,7 +535,7 @@ func (p *Publisher) enqueue(ctx context.Context, pinned *session, exchange, key 
 	}()
 	for {
 		if pinned != nil && pinned.isDead() {
-			return nil, nil, fmt.Errorf("not written: the connection broke after earlier messages of the call were written: %w", pinned.deadErr)
+			return nil, nil, fmt.Errorf("%s: %w", notWrittenAfterBreak, pinned.deadErr)
 		}
 		s := p.liveSession()
 		if s == nil {
@@ -871,7 +872,7 @@ type pending struct {
 	exchange string
 	key      string
 	sentAt   time.Time
-	clock    time.Duration // the session's unblocked clock at send
+	clock    time.Duration   // the session's unblocked clock at send
 	pub      amqp.Publishing // until the writer takes it
 
 	// written is set by the writer before it writes (or finds the session
@@ -1095,15 +1096,18 @@ func (s *session) dispatch() {
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	returns, confirms, blocks := s.returns, s.confirms, s.blocks
+	takeReturn := func(r amqp.Return, ok bool) {
+		if !ok {
+			returns = nil
+			s.fail(s.lostError("the channel closed"), true)
+			return
+		}
+		s.onReturn(r)
+	}
 	for returns != nil || confirms != nil {
 		select {
 		case r, ok := <-returns:
-			if !ok {
-				returns = nil
-				s.fail(s.lostError("the channel closed"), true)
-				continue
-			}
-			s.onReturn(r)
+			takeReturn(r, ok)
 		case c, ok := <-confirms:
 			if !ok {
 				confirms = nil
@@ -1115,12 +1119,7 @@ func (s *session) dispatch() {
 			for returns != nil {
 				select {
 				case r, ok := <-returns:
-					if !ok {
-						returns = nil
-						s.fail(s.lostError("the channel closed"), true)
-						break drain
-					}
-					s.onReturn(r)
+					takeReturn(r, ok)
 				default:
 					break drain
 				}

@@ -486,9 +486,10 @@ func TestMarshalErrorFailsBeforePublishing(t *testing.T) {
 }
 
 // TestReturnArrivesBeforeItsConfirm checks, on a bare amqp091 channel, the
-// ordering the publisher's return attribution relies on: with unbuffered
-// NotifyReturn and NotifyPublish channels drained by one goroutine, the
-// basic.return of a publish is always received before its confirm.
+// ordering the publisher's return attribution relies on: with buffered
+// NotifyReturn and NotifyPublish channels drained by one goroutine that
+// takes every buffered return before each confirm (as the dispatcher
+// does), the basic.return of a publish is always seen before its confirm.
 func TestReturnArrivesBeforeItsConfirm(t *testing.T) {
 	t.Parallel()
 	a := newAdmin(t)
@@ -498,8 +499,8 @@ func TestReturnArrivesBeforeItsConfirm(t *testing.T) {
 	a.queue(queue, nil, exchange, "routed")
 
 	ch := a.channel()
-	returns := ch.NotifyReturn(make(chan amqp.Return))
-	confirms := ch.NotifyPublish(make(chan amqp.Confirmation))
+	returns := ch.NotifyReturn(make(chan amqp.Return, 64))
+	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 512))
 	require.NoError(t, ch.Confirm(false))
 
 	const n = 3000
@@ -510,14 +511,26 @@ func TestReturnArrivesBeforeItsConfirm(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		confirmed := 0
+		takeReturn := func(r amqp.Return) {
+			mu.Lock()
+			tag := tagOf[r.MessageId]
+			mu.Unlock()
+			returnedBefore[tag] = true
+		}
 		for confirmed < n {
 			select {
 			case r := <-returns:
-				mu.Lock()
-				tag := tagOf[r.MessageId]
-				mu.Unlock()
-				returnedBefore[tag] = true
+				takeReturn(r)
 			case c := <-confirms:
+			drain:
+				for {
+					select {
+					case r := <-returns:
+						takeReturn(r)
+					default:
+						break drain
+					}
+				}
 				confirmed++
 				mu.Lock()
 				want := unroutable[c.DeliveryTag]
@@ -536,8 +549,11 @@ func TestReturnArrivesBeforeItsConfirm(t *testing.T) {
 			key = "nowhere"
 		}
 		id := fmt.Sprintf("m%d", i)
-		mu.Lock()
+		// Not under mu: GetNextPublishSeqNo takes the channel's confirm
+		// lock, which amqp091's reader holds while it hands over a
+		// confirm to the goroutine above, which may be waiting for mu.
 		tag := ch.GetNextPublishSeqNo()
+		mu.Lock()
 		tagOf[id] = tag
 		unroutable[tag] = key == "nowhere"
 		mu.Unlock()

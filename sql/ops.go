@@ -30,18 +30,15 @@ func ProbeWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (err erro
 		return fmt.Errorf("database write probe: %w", err)
 	}
 	defer conn.Close()
-	var old int64
-	if err := conn.QueryRowContext(ctx, `PRAGMA busy_timeout`).Scan(&old); err != nil {
-		return fmt.Errorf("database write probe: %w", err)
-	}
-	if _, err := conn.ExecContext(ctx, fmt.Sprintf(`PRAGMA busy_timeout = %d`, wait.Milliseconds())); err != nil {
+	restore, err := setBusyTimeout(ctx, conn, wait)
+	if err != nil {
 		return fmt.Errorf("database write probe: %w", err)
 	}
 	// Restore and end what the probe began even when ctx ends meanwhile:
 	// the connection goes back to the application's pool.
 	bg := context.WithoutCancel(ctx)
 	defer func() {
-		if _, rerr := conn.ExecContext(bg, fmt.Sprintf(`PRAGMA busy_timeout = %d`, old)); rerr != nil {
+		if _, rerr := conn.ExecContext(bg, restore); rerr != nil {
 			discard(conn)
 		}
 	}()
@@ -102,16 +99,11 @@ func BeginWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (tx *dbsq
 	if err != nil {
 		return nil, nil, err
 	}
-	var old int64
-	if err := conn.QueryRowContext(ctx, `PRAGMA busy_timeout`).Scan(&old); err != nil {
+	restore, err := setBusyTimeout(ctx, conn, 0)
+	if err != nil {
 		_ = conn.Close()
 		return nil, nil, err
 	}
-	if _, err := conn.ExecContext(ctx, `PRAGMA busy_timeout = 0`); err != nil {
-		_ = conn.Close()
-		return nil, nil, err
-	}
-	restore := fmt.Sprintf(`PRAGMA busy_timeout = %d`, old)
 	fail := func(err error) (*dbsql.Tx, func(), error) {
 		if _, rerr := conn.ExecContext(context.WithoutCancel(ctx), restore); rerr != nil {
 			discard(conn)
@@ -151,6 +143,20 @@ func BeginWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (tx *dbsq
 		return nil, nil, err
 	}
 	return tx, func() { _ = conn.Close() }, nil
+}
+
+// setBusyTimeout sets conn's busy timeout to d and returns the statement
+// that sets back the one it had: the connection goes back to a pool that
+// may be the application's.
+func setBusyTimeout(ctx context.Context, conn *dbsql.Conn, d time.Duration) (restore string, err error) {
+	var old int64
+	if err := conn.QueryRowContext(ctx, `PRAGMA busy_timeout`).Scan(&old); err != nil {
+		return "", err
+	}
+	if _, err := conn.ExecContext(ctx, fmt.Sprintf(`PRAGMA busy_timeout = %d`, d.Milliseconds())); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf(`PRAGMA busy_timeout = %d`, old), nil
 }
 
 // discard makes the pool drop conn instead of reusing it.
