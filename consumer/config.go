@@ -107,12 +107,12 @@ type Config struct {
 	Connection publisher.ConnectionConfig
 	// QueueType is the kind of the consumer's queues. Default Quorum.
 	QueueType QueueType
-	// Concurrency is how many deliveries are handled at once (and how many
-	// consumer channels read the queue). Default DefaultConcurrency (8).
+	// Concurrency is how many deliveries are handled at once. Default
+	// DefaultConcurrency (32).
 	Concurrency int
-	// Prefetch is how many deliveries the broker sends ahead of acks, in
-	// total, spread evenly over the Concurrency channels (rounded up).
-	// Default 2 × Concurrency.
+	// Prefetch is how many unacked deliveries the broker sends ahead on the
+	// consumer's channel (the AMQP prefetch count). Default 2 ×
+	// Concurrency.
 	Prefetch int
 	// HandlerTimeout bounds one handler run (its context's deadline).
 	// Default DefaultHandlerTimeout (30s).
@@ -271,11 +271,11 @@ func (c Config) Validate() error {
 	case c.Concurrency < 1:
 		return fmt.Errorf("consumer concurrency is %d: it must be at least 1", c.Concurrency)
 	case c.Concurrency > 1000:
-		return fmt.Errorf("consumer concurrency is %d: at most 1000 channels are opened; use fewer", c.Concurrency)
+		return fmt.Errorf("consumer concurrency is %d: at most 1000 deliveries are handled at once; use fewer", c.Concurrency)
 	case c.Prefetch < c.Concurrency:
-		return fmt.Errorf("consumer prefetch is %d: it must be at least the concurrency (%d), each channel needs one", c.Prefetch, c.Concurrency)
-	case c.Prefetch > 65535*c.Concurrency:
-		return fmt.Errorf("consumer prefetch is %d: at most 65535 per channel", c.Prefetch)
+		return fmt.Errorf("consumer prefetch is %d: it must be at least the concurrency (%d), or handlers wait for deliveries", c.Prefetch, c.Concurrency)
+	case c.Prefetch > 65535:
+		return fmt.Errorf("consumer prefetch is %d: AMQP allows at most 65535", c.Prefetch)
 	case c.HandlerTimeout < 0:
 		return fmt.Errorf("consumer handler timeout (handler_timeout) is %s: it must be positive", c.HandlerTimeout)
 	case c.MaxAttempts < 1:
@@ -320,11 +320,6 @@ func validateKey(k string) error {
 
 // immediateRetries returns the number of in-process retries (none for -1).
 func (c Config) immediateRetries() int { return max(c.ImmediateRetries, 0) }
-
-// channelPrefetch is the prefetch of each of the Concurrency channels.
-func (c Config) channelPrefetch() int {
-	return (c.Prefetch + c.Concurrency - 1) / c.Concurrency
-}
 
 // retryDelay is the delay of the n-th trip (1-based) through a retry queue.
 func (c Config) retryDelay(trip int) time.Duration {

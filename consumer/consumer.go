@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"runtime/debug"
 	"strconv"
 	"sync"
@@ -13,9 +12,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
-	wamqp "github.com/ThreeDotsLabs/watermill-amqp/v2/pkg/amqp"
 	"github.com/ThreeDotsLabs/watermill/message"
-	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/warrenmq/warren/inbox"
 	"github.com/warrenmq/warren/publisher"
@@ -41,11 +38,10 @@ const failureBackoff = time.Second
 // Failed deliveries go through immediate retries, retry queues and the
 // poison queue per the contract.
 //
-// Deliveries are consumed with watermill-amqp's subscriber (one delivery
-// in flight per subscription, so Concurrency subscriptions of the queue,
-// each with its share of Prefetch) and handled under a Watermill Router;
-// the inbox writes go through one committer that batches the ready
-// deliveries into one transaction.
+// Deliveries are consumed on one channel with the Prefetch, at most
+// Concurrency at a time, and handled under a Watermill Router; the inbox
+// writes go through one committer that batches the ready deliveries into
+// one transaction, and the acks of a batch go back as one multiple ack.
 type Consumer struct {
 	cfg     Config
 	handler Handler
@@ -60,7 +56,7 @@ type Consumer struct {
 
 	// Set by Start.
 	pub       *publisher.Publisher
-	sub       *wamqp.Subscriber
+	sub       *subscriber
 	com       *committer
 	abort     context.CancelFunc // cancels handler contexts
 	base      context.Context
@@ -70,8 +66,7 @@ type Consumer struct {
 	autoAckCh chan struct{} // bounds concurrency under AutoAck
 	cancelRun context.CancelFunc
 	routerOut chan error
-	subClosed atomic.Bool // no more dialling for the subscriber
-	pruner    *pruner     // prunes the inbox (Config.Retention)
+	pruner    *pruner // prunes the inbox (Config.Retention)
 }
 
 // New validates cfg and returns a Consumer for handler (Inbox for an
@@ -134,21 +129,6 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 	if err := wsql.Check(ctx, c.cfg.DB); err != nil {
 		return fmt.Errorf("consumer %s: %w", c.cfg.Consumer, err)
 	}
-	amqpCfg, err := c.cfg.Connection.AMQPConfig()
-	if err != nil {
-		return err
-	}
-	// watermill-amqp's connection wrapper may start a reconnection when
-	// its own Close closes the connection (its close-notification and its
-	// closing channel race); refuse to dial once the subscriber is closed
-	// so that no connection outlives the consumer.
-	dial := amqpCfg.Dial
-	amqpCfg.Dial = func(network, addr string) (net.Conn, error) {
-		if c.subClosed.Load() {
-			return nil, errors.New("consumer stopped")
-		}
-		return dial(network, addr)
-	}
 	pub, err := publisher.New(publisher.Config{
 		Connection: c.cfg.Connection,
 		Unroutable: publisher.UnroutableKeep, // a missing retry or poison queue must not drop the message
@@ -161,43 +141,13 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 		_ = pub.Close()
 		return fmt.Errorf("consumer %s: %w", c.cfg.Consumer, err)
 	}
-
-	wlog := newConnLogger(watermillLogger{c.log}, c.log, publisher.RedactURL(c.cfg.Connection.URL))
-	var builder *TopologyBuilder
-	var sub *wamqp.Subscriber
-	builder = NewTopologyBuilder(c.cfg, func() *amqp.Connection {
-		if sub == nil {
-			return nil
-		}
-		return sub.Connection()
-	})
 	queue := publisher.QueueName(c.cfg.Consumer)
-	sub, err = wamqp.NewSubscriber(wamqp.Config{
-		Connection: wamqp.ConnectionConfig{
-			AmqpURI:    c.cfg.Connection.URL,
-			AmqpConfig: &amqpCfg,
-			Reconnect:  wamqp.DefaultReconnectConfig(),
-		},
-		Marshaler: publisher.Marshaler{},
-		Exchange:  wamqp.ExchangeConfig{GenerateName: func(string) string { return "" }},
-		Queue: wamqp.QueueConfig{
-			GenerateName: wamqp.GenerateQueueNameConstant(queue),
-			Durable:      true,
-		},
-		QueueBind: wamqp.QueueBindConfig{GenerateRoutingKey: func(string) string { return "" }},
-		Publish:   wamqp.PublishConfig{GenerateRoutingKey: func(string) string { return "" }},
-		Consume: wamqp.ConsumeConfig{
-			Qos: wamqp.QosConfig{PrefetchCount: c.cfg.channelPrefetch()},
-		},
-		TopologyBuilder: builder,
-	}, wlog)
-	if err != nil {
-		_ = pub.Close()
-		return fmt.Errorf("consumer %s: connect to %s: %w", c.cfg.Consumer, publisher.RedactURL(c.cfg.Connection.URL), err)
-	}
-	// Declare (or verify) now, for a clear error before anything runs.
-	if err := builder.build(ctx); err != nil {
-		c.closeSubscriber(sub)
+	builder := NewTopologyBuilder(c.cfg, nil)
+	sub := newSubscriber(c.cfg, builder.buildOn, c.log)
+	// Connect and declare (or verify) now, for a clear error before
+	// anything runs.
+	if _, err := sub.connect(ctx); err != nil {
+		_ = sub.Close()
 		_ = pub.Close()
 		return fmt.Errorf("consumer %s: %w", c.cfg.Consumer, err)
 	}
@@ -216,7 +166,7 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 		// Never reached on a clean stop: handlers finish within the
 		// handler timeout and the committer abandons the ones that do not.
 		CloseTimeout: c.cfg.HandlerTimeout + abandonGrace + 10*time.Second,
-	}, wlog)
+	}, watermillLogger{c.log})
 	if err != nil {
 		c.teardown()
 		return err
@@ -224,9 +174,7 @@ func (c *Consumer) Start(ctx context.Context) (err error) {
 	if c.cfg.Metrics != nil {
 		c.cfg.Metrics.router.instrument(router)
 	}
-	for i := range c.cfg.Concurrency {
-		router.AddConsumerHandler(fmt.Sprintf("warren-%s-%d", c.cfg.Consumer, i), queue, sub, c.handle)
-	}
+	router.AddConsumerHandler("warren-"+c.cfg.Consumer, queue, sub, c.handle)
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	c.cancelRun = cancelRun
 	c.routerOut = make(chan error, 1)
@@ -280,7 +228,7 @@ func (c *Consumer) watch() {
 func (c *Consumer) teardown() {
 	c.pruner.stop()
 	if c.sub != nil {
-		c.closeSubscriber(c.sub)
+		_ = c.sub.Close()
 	}
 	if c.com != nil {
 		c.com.close()
@@ -291,13 +239,6 @@ func (c *Consumer) teardown() {
 	if c.abort != nil {
 		c.abort()
 	}
-}
-
-// closeSubscriber closes sub and its connection; unacked deliveries go
-// back to the queue.
-func (c *Consumer) closeSubscriber(sub *wamqp.Subscriber) {
-	c.subClosed.Store(true)
-	_ = sub.Close()
 }
 
 func (c *Consumer) finish(err error) {
@@ -337,7 +278,7 @@ func (c *Consumer) Stop(ctx context.Context) error {
 		c.abort()
 	}
 	if c.sub != nil {
-		c.closeSubscriber(c.sub) // unacked deliveries are requeued
+		c.sub.abort() // unacked deliveries are requeued
 	}
 	<-c.stopped
 	return ErrStopAborted

@@ -1,5 +1,7 @@
 // Package consumer owns the consuming side of warren: a Watermill Router
-// over watermill-amqp subscriptions of the queue "<consumer>" that turns
+// over one subscription of the queue "<consumer>" (one AMQP channel with
+// the prefetch, Concurrency deliveries in flight, acks of finished
+// deliveries batched into multiple acks) that turns
 // each delivery into an inbox row and a handler call, committed in one
 // transaction, then acked; and the failure path of the contract: immediate
 // retries, retry queues "<consumer>.retry.<delay>", the poison queue

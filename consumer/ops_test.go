@@ -85,7 +85,7 @@ func TestMetricsCountDeliveriesRetriesAndPoison(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 4, qs.Poison.Ready)
 	require.Equal(t, 0, qs.Queue.Ready)
-	require.Equal(t, cfg.Concurrency, qs.Queue.Consumers)
+	require.Equal(t, 1, qs.Queue.Consumers, "one channel reads the queue")
 	require.Len(t, qs.Retry, 1)
 	require.False(t, qs.Retry[0].Missing)
 	other, err := consumer.InspectQueues(context.Background(), b.conn, b.name+"-none", nil)

@@ -204,9 +204,18 @@ func (b *TopologyBuilder) BuildTopology(_ *amqp.Channel, _ string, _ string, _ w
 }
 
 func (b *TopologyBuilder) build(ctx context.Context) error {
+	var conn *amqp.Connection
+	if b.conn != nil {
+		conn = b.conn()
+	}
+	return b.buildOn(ctx, conn)
+}
+
+// buildOn declares (or verifies) the consumer's topology on conn, once per
+// connection (again when the queue was deleted).
+func (b *TopologyBuilder) buildOn(ctx context.Context, conn *amqp.Connection) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	conn := b.conn()
 	if conn == nil {
 		return fmt.Errorf("%w: no connection", publisher.ErrConnectionLost)
 	}
