@@ -104,8 +104,19 @@ func (c *committer) close() {
 	c.stmts.close()
 }
 
-func (c *committer) loop() {
-	defer close(c.done)
+func (c *committer) loop() { c.loopFrom(nil) }
+
+// loopFrom runs the jobs of pending in a transaction of their own, then
+// batches and runs the queued jobs until the queue is closed. It returns
+// early, leaving the work to another loopFrom, when the watchdog abandoned
+// a handler of its batch.
+func (c *committer) loopFrom(pending []*job) {
+	for len(pending) > 0 {
+		var alive bool
+		if pending, alive = c.run(pending); !alive {
+			return
+		}
+	}
 	batch := make([]*job, 0, c.maxBatch)
 	var (
 		released int       // jobs the last batch released
@@ -114,6 +125,7 @@ func (c *committer) loop() {
 	for {
 		j, ok := <-c.jobs
 		if !ok {
+			close(c.done)
 			return
 		}
 		batch = append(batch[:0], j)
@@ -145,7 +157,10 @@ func (c *committer) loop() {
 		}
 		released = len(batch)
 		for len(batch) > 0 {
-			batch = c.run(batch)
+			var alive bool
+			if batch, alive = c.run(batch); !alive {
+				return
+			}
 		}
 		lastEnd = time.Now()
 	}
@@ -187,33 +202,34 @@ const (
 	release    = `RELEASE warren_job`
 )
 
-// run runs one batch and returns the jobs to run again in a new
-// transaction (when a handler had to be abandoned).
-func (c *committer) run(batch []*job) []*job {
+// run runs one batch in one transaction. alive is false when the
+// watchdog abandoned a handler of the batch: it rolled the transaction
+// back and handed the other jobs to a new committer goroutine, and this
+// one must stop (its handler has returned at last).
+func (c *committer) run(batch []*job) (rest []*job, alive bool) {
 	ctx := context.WithoutCancel(c.base)
 	// The inbox often lives in the application's database: wait for the
 	// write lock in a way that a busy application cannot starve.
 	tx, done, err := wsql.BeginWrite(ctx, c.db, wsql.DefaultBusyTimeout)
 	if err != nil {
 		c.failAll(batch, fmt.Errorf("inbox: begin: %w", err))
-		return nil
+		return nil, true
 	}
-	defer done()
+	end := sync.OnceFunc(done) // by this goroutine, or by the watchdog
+	defer end()
+	w := &watchdog{c: c, batch: batch, tx: tx, end: end, job: -1}
+	defer w.close()
 	x := &txExec{tx: tx, cache: &c.stmts}
 	results := make([]jobResult, len(batch))
 	for i, j := range batch {
-		res, abandoned, err := c.runJob(ctx, tx, x, j)
-		if abandoned {
-			// The handler still runs and may use tx: end it, so it
-			// cannot, and run the others again in a new transaction.
-			_ = tx.Rollback()
-			j.done <- res
-			return append(batch[:i:i], batch[i+1:]...)
+		res, err := c.runJob(ctx, tx, x, j, w, i)
+		if errors.Is(err, errAbandoned) {
+			return nil, false
 		}
 		if err != nil {
 			_ = tx.Rollback()
 			c.failAll(batch, err)
-			return nil
+			return nil, true
 		}
 		results[i] = res
 	}
@@ -224,35 +240,112 @@ func (c *committer) run(batch []*job) []*job {
 	c.commitTime.Store((3*c.commitTime.Load() + int64(took)) / 4)
 	if err != nil {
 		c.failAll(batch, fmt.Errorf("inbox: commit: %w", err))
-		return nil
+		return nil, true
 	}
 	for i, j := range batch {
 		j.done <- results[i]
 	}
-	return nil
+	return nil, true
+}
+
+// errAbandoned: the watchdog gave up on the handler that just returned.
+var errAbandoned = errors.New("handler abandoned")
+
+// watchdog gives up on a handler that runs past its deadline plus
+// abandonGrace (it ignores its context). Handlers run on the committer's
+// goroutine, so the watchdog does the rest of the batch's work: it rolls
+// the transaction back (so the handler cannot write any more), fails the
+// delivery, and hands the batch's other jobs to a new committer goroutine.
+// The abandoned goroutine exits when the handler returns.
+type watchdog struct {
+	c     *committer
+	batch []*job
+	tx    *dbsql.Tx
+	end   func() // gives the connection back
+	timer *time.Timer
+
+	mu        sync.Mutex
+	job       int // index of the job whose handler runs; -1 when none
+	deadline  time.Time
+	abandoned bool
+}
+
+// start watches the handler of job i.
+func (w *watchdog) start(i int) {
+	limit := w.c.timeout + abandonGrace
+	w.mu.Lock()
+	w.job, w.deadline = i, time.Now().Add(limit)
+	w.mu.Unlock()
+	if w.timer == nil {
+		w.timer = time.AfterFunc(limit, w.fire)
+	} else {
+		w.timer.Reset(limit)
+	}
+}
+
+// stop ends the watch; it reports false when the handler was abandoned.
+func (w *watchdog) stop() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.job = -1
+	return !w.abandoned
+}
+
+func (w *watchdog) close() {
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+func (w *watchdog) fire() {
+	w.mu.Lock()
+	if w.job < 0 || w.abandoned {
+		w.mu.Unlock()
+		return
+	}
+	if left := time.Until(w.deadline); left > 0 {
+		// A fire meant for an earlier handler of the batch.
+		w.timer.Reset(left)
+		w.mu.Unlock()
+		return
+	}
+	w.abandoned = true
+	i := w.job
+	w.mu.Unlock()
+	c, j := w.c, w.batch[i]
+	c.log.Error("handler ignored its deadline; abandoning it and running the rest of its batch again",
+		"message_id", j.d.MessageID, "handler_timeout", c.timeout)
+	_ = w.tx.Rollback()
+	w.end()
+	j.done <- jobResult{outcome: outcomeFailed, took: c.timeout + abandonGrace,
+		err: fmt.Errorf("handler did not return within the handler timeout %s (it ignores its context)", c.timeout)}
+	rest := make([]*job, 0, len(w.batch)-1)
+	rest = append(rest, w.batch[:i]...)
+	rest = append(rest, w.batch[i+1:]...)
+	go c.loopFrom(rest)
 }
 
 // runJob runs j in tx. A job that runs the application's handler runs
 // under a savepoint: a failure rolls back to it, undoing the handler's
 // writes and the inbox claim, and the failure is recorded instead. The
 // other jobs are single statements, atomic by themselves. err is a
-// failure of the transaction itself: the batch is lost.
-func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job) (res jobResult, abandoned bool, err error) {
+// failure of the transaction itself (the batch is lost), or errAbandoned.
+func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, w *watchdog, i int) (res jobResult, err error) {
 	if j.kind == jobRecord {
 		if err := j.record(ctx, x); err != nil {
-			return jobResult{outcome: outcomeFailed, err: err}, false, nil
+			return jobResult{outcome: outcomeFailed, err: err}, nil
 		}
-		return jobResult{outcome: outcomeOK}, false, nil
+		return jobResult{outcome: outcomeOK}, nil
 	}
 	_, builtin := c.handler.(builtinHandler)
 	if !builtin {
 		if _, err := x.ExecContext(ctx, savepoint); err != nil {
-			return jobResult{}, false, fmt.Errorf("inbox: savepoint: %w", err)
+			return jobResult{}, fmt.Errorf("inbox: savepoint: %w", err)
 		}
 	}
-	res, abandoned = c.handle(ctx, tx, x, j, builtin)
-	if abandoned || builtin {
-		return res, abandoned, nil
+	res, err = c.handle(ctx, tx, x, j, builtin, w, i)
+	if err != nil || builtin {
+		return res, err
 	}
 	if res.outcome == outcomeFailed {
 		_, err = x.ExecContext(ctx, rollbackTo)
@@ -261,7 +354,7 @@ func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job)
 		_, err = x.ExecContext(ctx, release)
 	}
 	if err != nil {
-		return jobResult{}, false, fmt.Errorf("inbox: end savepoint (did the handler end the transaction?): %w", err)
+		return jobResult{}, fmt.Errorf("inbox: end savepoint (did the handler end the transaction?): %w", err)
 	}
 	if res.outcome == outcomeFailed {
 		// Record the failure in the same transaction, after the handler's
@@ -272,62 +365,55 @@ func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job)
 			res.recorded = true
 		}
 	}
-	return res, false, nil
+	return res, nil
 }
 
-// handle claims the delivery and runs the handler.
-func (c *committer) handle(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, builtin bool) (jobResult, bool) {
+// handle claims the delivery and runs the handler; err is errAbandoned
+// or nil.
+func (c *committer) handle(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, builtin bool, w *watchdog, i int) (jobResult, error) {
 	fresh, err := inbox.MarkProcessed(ctx, x, &j.d.Delivery, j.d.Attempt)
 	if err != nil {
-		return jobResult{outcome: outcomeFailed, err: err}, false
+		return jobResult{outcome: outcomeFailed, err: err}, nil
 	}
 	if !fresh {
 		if err := inbox.RecordDuplicate(ctx, x, j.d.Consumer, j.d.MessageID); err != nil {
 			c.log.Warn("inbox: cannot count a duplicate", "message_id", j.d.MessageID, "error", err)
 		}
-		return jobResult{outcome: outcomeDuplicate}, false
+		return jobResult{outcome: outcomeDuplicate}, nil
 	}
 	if builtin {
-		return jobResult{outcome: outcomeOK}, false // its Handle does nothing
+		return jobResult{outcome: outcomeOK}, nil // its Handle does nothing
 	}
 	start := time.Now()
-	err, abandoned := c.callHandler(tx, j.d)
+	w.start(i)
+	err = c.callHandler(tx, j.d)
+	if !w.stop() {
+		return jobResult{}, errAbandoned
+	}
 	res := jobResult{outcome: outcomeOK, err: err, took: time.Since(start)}
 	if err != nil {
 		res.outcome = outcomeFailed
 	}
-	return res, abandoned
+	return res, nil
 }
 
-// callHandler runs the handler with the handler timeout, turning a panic
-// into an error. A handler that does not return within the timeout plus
-// abandonGrace is abandoned (it keeps running in its goroutine).
-func (c *committer) callHandler(tx *dbsql.Tx, d *Delivery) (err error, abandoned bool) {
+// callHandler runs the handler on the committer's goroutine, with the
+// handler timeout as its context's deadline, turning a panic into an
+// error. (The watchdog deals with a handler that ignores its deadline.)
+func (c *committer) callHandler(tx *dbsql.Tx, d *Delivery) (err error) {
 	ctx, cancel := context.WithTimeout(c.base, c.timeout)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() {
-		defer func() {
-			if r := recover(); r != nil {
-				c.log.Error("handler panicked", "message_id", d.MessageID, "panic", r, "stack", string(debug.Stack()))
-				done <- fmt.Errorf("handler panicked: %v", r)
-			}
-		}()
-		done <- c.handler.Handle(ctx, tx, d)
-	}()
-	timer := time.NewTimer(c.timeout + abandonGrace)
-	defer timer.Stop()
-	select {
-	case err := <-done:
-		if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			err = fmt.Errorf("handler timeout %s: %w", c.timeout, err)
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("handler panicked", "message_id", d.MessageID, "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("handler panicked: %v", r)
 		}
-		return err, false
-	case <-timer.C:
-		c.log.Error("handler ignored its deadline; abandoning it and running the rest of its batch again",
-			"message_id", d.MessageID, "handler_timeout", c.timeout)
-		return fmt.Errorf("handler did not return within the handler timeout %s (it ignores its context)", c.timeout), true
+	}()
+	err = c.handler.Handle(ctx, tx, d)
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		err = fmt.Errorf("handler timeout %s: %w", c.timeout, err)
 	}
+	return err
 }
 
 func (c *committer) failAll(batch []*job, err error) {

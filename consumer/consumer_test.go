@@ -5,6 +5,7 @@ import (
 	dbsql "database/sql"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -103,6 +104,42 @@ func TestPanicAndTimeoutAreFailures(t *testing.T) {
 	require.Equal(t, 1, e.Attempts)
 	require.Empty(t, e.LastError)
 	require.Zero(t, b.counts.retried.Load())
+}
+
+// A handler that ignores its context is abandoned once its deadline and
+// the grace have passed: its batch's transaction is rolled back (what it
+// writes afterwards goes nowhere), its delivery counts as failed, and the
+// rest of its batch commits without it.
+func TestHandlerThatIgnoresItsDeadlineIsAbandoned(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := b.cfg
+	cfg.HandlerTimeout = 100 * time.Millisecond
+	cfg.ImmediateRetries = 2
+	var lateWrite atomic.Value
+	returned := make(chan struct{})
+	b.start(t, cfg, consumer.HandlerFunc(func(ctx context.Context, tx *dbsql.Tx, d *consumer.Delivery) error {
+		if d.MessageID == "stuck" && d.Attempt == 1 {
+			defer close(returned)
+			time.Sleep(cfg.HandlerTimeout + 3*time.Second) // past the deadline and the grace
+			err := effect(context.Background(), tx, d)
+			lateWrite.Store(fmt.Sprint(err))
+			return err
+		}
+		return effect(ctx, tx, d)
+	}))
+	b.publish(t, "", publisher.QueueName(b.name), b.event("a"), b.event("stuck"), b.event("b"))
+	require.Eventually(t, func() bool { return b.count(t, `SELECT count(*) FROM effects`) == 3 }, 20*time.Second, 10*time.Millisecond)
+	<-returned
+	require.Contains(t, lateWrite.Load(), "transaction has already been committed or rolled back", "the abandoned handler's transaction is gone")
+	require.Equal(t, 1, b.count(t, `SELECT count(*) FROM effects WHERE message_id = 'stuck' AND attempt = 2`))
+	e := b.entry(t, "stuck")
+	require.Equal(t, inbox.StatusProcessed, e.Status)
+	require.Equal(t, 2, e.Attempts)
+	require.Contains(t, e.LastError, "did not return within the handler timeout 100ms")
+	for _, id := range []string{"a", "b"} {
+		require.Equal(t, 1, b.entry(t, id).Attempts, id)
+	}
 }
 
 func TestFailingHandlerDoesNotUndoItsBatch(t *testing.T) {
