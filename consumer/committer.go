@@ -44,6 +44,9 @@ type job struct {
 	d    *Delivery
 	// failStatus is the status a failed handler run is recorded with.
 	failStatus inbox.Status
+	// row is the delivery's processed row (jobHandle), encoded before the
+	// job was queued.
+	row *inbox.ProcessedRow
 	record     func(ctx context.Context, e inbox.Execer) error
 	done       chan jobResult
 }
@@ -371,7 +374,7 @@ func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job,
 // handle claims the delivery and runs the handler; err is errAbandoned
 // or nil.
 func (c *committer) handle(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, builtin bool, w *watchdog, i int) (jobResult, error) {
-	fresh, err := inbox.MarkProcessed(ctx, x, &j.d.Delivery, j.d.Attempt)
+	fresh, err := inbox.MarkProcessedRow(ctx, x, j.row)
 	if err != nil {
 		return jobResult{outcome: outcomeFailed, err: err}, nil
 	}

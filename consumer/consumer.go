@@ -447,7 +447,11 @@ func (c *Consumer) run(d *Delivery, failStatus inbox.Status) jobResult {
 			return jobResult{outcome: outcomeFailed, err: err}
 		}
 	}
-	res := c.com.submit(&job{kind: jobHandle, d: d, failStatus: failStatus})
+	row, err := inbox.EncodeProcessed(&d.Delivery, d.Attempt)
+	if err != nil {
+		return jobResult{outcome: outcomeFailed, err: err}
+	}
+	res := c.com.submit(&job{kind: jobHandle, d: d, failStatus: failStatus, row: row})
 	if res.outcome != outcomeDuplicate {
 		c.observe(prepared + res.took)
 	}

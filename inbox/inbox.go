@@ -229,10 +229,35 @@ func nullString(s string) any {
 // the delivery is a duplicate and the handler must not run (roll its
 // effects back, or run MarkProcessed before the handler and skip it).
 func MarkProcessed(ctx context.Context, e Execer, d *Delivery, attempt int) (bool, error) {
-	args, err := rowArgs(d, StatusProcessed, attempt, "", bodyOf(d), wsql.FormatTime(time.Now()))
+	r, err := EncodeProcessed(d, attempt)
 	if err != nil {
 		return false, err
 	}
+	return MarkProcessedRow(ctx, e, r)
+}
+
+// ProcessedRow is the row MarkProcessed writes for a delivery, encoded
+// ahead of the transaction by EncodeProcessed: the consumer encodes it on
+// the delivery's own goroutine, so that what runs under SQLite's write
+// lock is the insert alone.
+type ProcessedRow struct {
+	d    *Delivery
+	args []any
+}
+
+// EncodeProcessed encodes d's row for MarkProcessedRow, with processed_at
+// now; attempt counts as in MarkProcessed.
+func EncodeProcessed(d *Delivery, attempt int) (*ProcessedRow, error) {
+	args, err := rowArgs(d, StatusProcessed, attempt, "", bodyOf(d), wsql.FormatTime(time.Now()))
+	if err != nil {
+		return nil, err
+	}
+	return &ProcessedRow{d: d, args: args}, nil
+}
+
+// MarkProcessedRow is MarkProcessed for a row encoded by EncodeProcessed.
+func MarkProcessedRow(ctx context.Context, e Execer, r *ProcessedRow) (bool, error) {
+	d := r.d
 	res, err := e.ExecContext(ctx, `INSERT INTO warren_inbox (`+insertColumns+`)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (consumer, message_id) DO UPDATE SET
@@ -240,7 +265,7 @@ func MarkProcessed(ctx context.Context, e Execer, d *Delivery, attempt int) (boo
 			attempts = max(warren_inbox.attempts + 1, excluded.attempts),
 			last_attempt = 0,
 			processed_at = excluded.processed_at
-		WHERE warren_inbox.status != 'processed'`, args...)
+		WHERE warren_inbox.status != 'processed'`, r.args...)
 	if err != nil {
 		return false, fmt.Errorf("inbox: mark %s/%s processed: %w", d.Consumer, d.MessageID, err)
 	}
