@@ -46,9 +46,9 @@ type job struct {
 	failStatus inbox.Status
 	// row is the delivery's processed row (jobHandle), encoded before the
 	// job was queued.
-	row *inbox.ProcessedRow
-	record     func(ctx context.Context, e inbox.Execer) error
-	done       chan jobResult
+	row    *inbox.ProcessedRow
+	record func(ctx context.Context, e inbox.Execer) error
+	done   chan jobResult
 }
 
 type jobResult struct {
