@@ -19,9 +19,9 @@ import (
 	wsql "github.com/warrenmq/warren/sql"
 )
 
-// consumerConfig is the consumer the figures use: the defaults (8
-// channels, prefetch 16 in all, a quorum queue) reading every event of
-// producer.
+// consumerConfig is the consumer the figures use: the defaults (32
+// handlers, prefetch 64 on one channel, a quorum queue) reading every
+// event of producer.
 func (b *bench) consumerConfig(name, producer string, db *sql.DB) consumer.Config {
 	return consumer.Config{
 		Consumer:   name,
@@ -49,8 +49,8 @@ func (b *bench) deleteConsumerQueues(cfg consumer.Config) func() {
 }
 
 // consume is figure 3: the consumer turning n queued messages into
-// processed inbox rows, and raw consume-and-ack of n messages with the same
-// channels and prefetch.
+// processed inbox rows, and raw consume-and-ack of n messages on one
+// channel with the same prefetch.
 func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) {
 	producer, err := b.producer(ctx)
 	if err != nil {
@@ -68,8 +68,7 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 	defer removeDB(path)
 	defer db.Close()
 	cfg := b.consumerConfig(b.name(fmt.Sprintf("c%d", k)), producer, db)
-	prefetch := (cfg.Prefetch + cfg.Concurrency - 1) / cfg.Concurrency
-	setup := fmt.Sprintf("%d channels × prefetch %d", cfg.Concurrency, prefetch)
+	setup := fmt.Sprintf("1 channel, prefetch %d, %d handlers", cfg.Prefetch, cfg.Concurrency)
 	del := b.deleteConsumerQueues(cfg)
 	defer del()
 	if err := consumer.DeclareTopology(ctx, b.conn, cfg); err != nil {
@@ -126,7 +125,7 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 		return rate{}, rate{}, "", err
 	}
 	m = b.meter(0)
-	took, err := rawConsume(ctx, b.o.url, raw, n, cfg.Concurrency, prefetch, newBar(n, "3 raw consume-and-ack"))
+	took, err := rawConsume(ctx, b.o.url, raw, n, 1, cfg.Prefetch, newBar(n, "3 raw consume-and-ack"))
 	if err != nil {
 		return rate{}, rate{}, "", err
 	}

@@ -149,7 +149,7 @@ func report(w io.Writer, o options, m machine, r *results) {
 			l.ratio = fmt.Sprintf("%.2f × raw (median of %s)", q, strings.Join(rs, ", "))
 		}
 		add(l)
-		add(line{"3", "raw consume-and-ack: amqp091-go, manual ack of each message, same channels and prefetch", perSec(r.rawConsume.PerSec(), "msgs"), "1.00", "", ""})
+		add(line{"3", "raw consume-and-ack: amqp091-go, one channel, the same prefetch, a manual ack of each message", perSec(r.rawConsume.PerSec(), "msgs"), "1.00", "", ""})
 	case o.runs(3):
 		na("3", "consumer", "not available yet")
 	}
