@@ -50,11 +50,13 @@ type subscriber struct {
 	current *amqp.Connection // set while connected
 
 	subscribed atomic.Bool
-	stop       chan struct{} // closed by Close: take no more deliveries
-	stopOnce   sync.Once
-	kill       chan struct{} // closed by abort: cut the connection now
-	killOnce   sync.Once
-	done       chan struct{} // closed when the subscription has ended
+	// stopped is cancelled by Close: take no more deliveries, and give up
+	// a connect in progress.
+	stopped  context.Context
+	stop     context.CancelFunc
+	kill     chan struct{} // closed by abort: cut the connection now
+	killOnce sync.Once
+	done     chan struct{} // closed when the subscription has ended
 }
 
 var _ message.Subscriber = (*subscriber)(nil)
@@ -65,16 +67,16 @@ const (
 	// delivered before it to finish, so that they are acked together,
 	// before it is acked on its own.
 	heldAckDelay = time.Millisecond
-	// subscriptionTopologyTimeout bounds the connect and the declarations
-	// of a reconnection.
-	subscriptionTopologyTimeout = 30 * time.Second
 	// connRetryLogInterval is the least time between two lines saying the
 	// subscription still cannot reconnect.
 	connRetryLogInterval = time.Minute
 )
 
 func newSubscriber(cfg Config, topology func(context.Context, *amqp.Connection) error, log *slog.Logger) *subscriber {
+	stopped, stop := context.WithCancel(context.Background())
 	return &subscriber{
+		stopped:  stopped,
+		stop:     stop,
 		conn:     cfg.Connection,
 		queue:    publisher.QueueName(cfg.Consumer),
 		prefetch: cfg.Prefetch,
@@ -82,7 +84,6 @@ func newSubscriber(cfg Config, topology func(context.Context, *amqp.Connection) 
 		topology: topology,
 		log:      log,
 		url:      publisher.RedactURL(cfg.Connection.URL),
-		stop:     make(chan struct{}),
 		kill:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
@@ -129,7 +130,7 @@ func (s *subscriber) Subscribe(ctx context.Context, _ string) (<-chan *message.M
 // are acked or nacked (and the acks sent), and closes the connection. It
 // is safe to call more than once.
 func (s *subscriber) Close() error {
-	s.stopOnce.Do(func() { close(s.stop) })
+	s.stop()
 	if s.subscribed.CompareAndSwap(false, true) {
 		// Never subscribed: close the connection of connect, if any.
 		s.closeConn()
@@ -143,7 +144,7 @@ func (s *subscriber) Close() error {
 // abort cuts the connection at once and ends the subscription: the
 // deliveries in flight are not acked and go back to the queue.
 func (s *subscriber) abort() {
-	s.stopOnce.Do(func() { close(s.stop) })
+	s.stop()
 	s.killOnce.Do(func() { close(s.kill) })
 	s.closeConn()
 	_ = s.Close()
@@ -166,14 +167,7 @@ func (s *subscriber) closeConn() {
 	}
 }
 
-func (s *subscriber) stopping() bool {
-	select {
-	case <-s.stop:
-		return true
-	default:
-		return false
-	}
-}
+func (s *subscriber) stopping() bool { return s.stopped.Err() != nil }
 
 // run consumes until the subscription is closed, reconnecting when the
 // connection, the channel or the broker's consumer is lost.
@@ -194,11 +188,9 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 		conn := s.current
 		s.mu.Unlock()
 		if conn == nil || conn.IsClosed() {
-			dialCtx, cancel := context.WithTimeout(context.Background(), subscriptionTopologyTimeout)
-			stopDial := context.AfterFunc(ctx, cancel)
+			dialCtx, cancel := context.WithTimeout(s.stopped, topologyTimeout)
 			var err error
 			conn, err = s.connect(dialCtx)
-			stopDial()
 			cancel()
 			if err != nil {
 				if s.stopping() {
@@ -219,7 +211,7 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 				}
 				select {
 				case <-time.After(bo.NextBackOff()):
-				case <-s.stop:
+				case <-s.stopped.Done():
 					return
 				}
 				continue
@@ -297,14 +289,14 @@ func (s *subscriber) consume(ctx context.Context, conn *amqp.Connection, out cha
 			if !ok {
 				return ended()
 			}
-		case <-s.stop:
+		case <-s.stopped.Done():
 			s.finish(ch, tag, a)
 			return nil
 		}
 		a.add(d.DeliveryTag)
 		select {
 		case s.slots <- struct{}{}:
-		case <-s.stop:
+		case <-s.stopped.Done():
 			a.settle(d.DeliveryTag, false)
 			s.finish(ch, tag, a)
 			return nil
@@ -319,7 +311,7 @@ func (s *subscriber) consume(ctx context.Context, conn *amqp.Connection, out cha
 		msg.SetContext(ctx)
 		select {
 		case out <- msg:
-		case <-s.stop:
+		case <-s.stopped.Done():
 			<-s.slots
 			a.settle(d.DeliveryTag, false)
 			s.finish(ch, tag, a)

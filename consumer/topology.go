@@ -192,7 +192,8 @@ func NewTopologyBuilder(cfg Config, conn func() *amqp.Connection) *TopologyBuild
 	return &TopologyBuilder{cfg: cfg.WithDefaults(), conn: conn}
 }
 
-// topologyTimeout bounds the declarations made on a (re)connection.
+// topologyTimeout bounds the declarations made on a (re)connection, and
+// the subscription's connect before them.
 const topologyTimeout = 30 * time.Second
 
 // BuildTopology declares (or verifies) the consumer's topology on the
