@@ -353,3 +353,139 @@ func (b *bench) tap(ctx context.Context, producer, queue string) (func() map[str
 		return arrived
 	}, nil
 }
+
+// floorResult is figure 4's floor: the broker alone at the same rate.
+type floorResult struct {
+	N         int
+	Confirmed quantiles // publish → its confirm
+	Delivered quantiles // publish → arrival at a raw consumer
+}
+
+// brokerFloor publishes perSec of the relay's messages per second for d
+// with raw amqp091-go (a confirm-mode channel, many publishes in flight)
+// to a fresh exchange bound to two quorum queues, as in the end-to-end
+// phase (the consumer's queue and the tap), while raw consumers read both
+// (one manual-ack channel with the consumer's prefetch, one auto-ack as
+// the tap). It measures what the broker alone adds at that rate on this
+// machine: publish → confirm and publish → delivered. Nothing of warren
+// runs; the end-to-end figures cannot be lower.
+func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (floorResult, error) {
+	var res floorResult
+	k := b.seq.Add(1)
+	exchange := b.name(fmt.Sprintf("floor-%d.events", k))
+	if err := b.exchange(exchange); err != nil {
+		return res, err
+	}
+	n := perSec * int(d/time.Second)
+	msgs, err := warrenPublishings("bench-"+b.id, n)
+	if err != nil {
+		return res, err
+	}
+	ids := make(map[string]int, n)
+	for i := range msgs {
+		msgs[i].MessageId = fmt.Sprintf("floor-%d", i)
+		ids[msgs[i].MessageId] = i
+	}
+	sent := make([]time.Time, n)
+	confirmedAt := make([]time.Time, n)
+	arrived := make([]time.Time, n)
+
+	conn, err := publisher.Dial(ctx, publisher.ConnectionConfig{URL: b.o.url})
+	if err != nil {
+		return res, err
+	}
+	defer conn.Close()
+	var arrivals atomic.Int64
+	for i, q := range []string{b.name(fmt.Sprintf("floor-%d-consumer", k)), b.name(fmt.Sprintf("floor-%d-tap", k))} {
+		del, err := b.quorumQueue(q, exchange)
+		if err != nil {
+			return res, err
+		}
+		defer del()
+		ch, err := conn.Channel()
+		if err != nil {
+			return res, err
+		}
+		manual := i == 0
+		prefetch := 1000
+		if manual {
+			prefetch = consumer.DefaultConcurrency * 2
+		}
+		if err := ch.Qos(prefetch, 0, false); err != nil {
+			return res, err
+		}
+		ds, err := ch.Consume(q, "", !manual, false, false, false, nil)
+		if err != nil {
+			return res, fmt.Errorf("consume %s: %w", q, err)
+		}
+		go func() {
+			for dl := range ds {
+				if manual {
+					now := time.Now()
+					if j, ok := ids[dl.MessageId]; ok && arrived[j].IsZero() {
+						arrived[j] = now
+						arrivals.Add(1)
+					}
+					_ = dl.Ack(false)
+				}
+			}
+		}()
+	}
+
+	pch, err := conn.Channel()
+	if err != nil {
+		return res, err
+	}
+	if err := pch.Confirm(false); err != nil {
+		return res, err
+	}
+	confirms := pch.NotifyPublish(make(chan amqp.Confirmation, window))
+	var confirmedN atomic.Int64
+	confirmDone := make(chan struct{})
+	go func() {
+		defer close(confirmDone)
+		for c := range confirms {
+			if c.DeliveryTag >= 1 && int(c.DeliveryTag) <= n {
+				confirmedAt[c.DeliveryTag-1] = time.Now()
+			}
+			if confirmedN.Add(1) == int64(n) {
+				return
+			}
+		}
+	}()
+	bar := newBar(n, "4 the broker alone")
+	stopBar := follow(bar, &arrivals)
+	interval := time.Second / time.Duration(perSec)
+	start := time.Now()
+	for i := range msgs {
+		if wait := time.Until(start.Add(time.Duration(i) * interval)); wait > 0 {
+			time.Sleep(wait)
+		}
+		sent[i] = time.Now()
+		if err := pch.PublishWithContext(ctx, exchange, eventType, true, false, msgs[i]); err != nil {
+			stopBar()
+			return res, fmt.Errorf("publish: %w", err)
+		}
+	}
+	err = waitCount(ctx, &arrivals, n, time.Minute)
+	stopBar()
+	if err != nil {
+		return res, err
+	}
+	select {
+	case <-confirmDone:
+	case <-time.After(30 * time.Second):
+		return res, fmt.Errorf("%d of %d confirms arrived", confirmedN.Load(), n)
+	}
+	toConfirm := make([]time.Duration, n)
+	toArrive := make([]time.Duration, n)
+	for i := range n {
+		toConfirm[i] = confirmedAt[i].Sub(sent[i])
+		toArrive[i] = arrived[i].Sub(sent[i])
+	}
+	res.N = n
+	res.Confirmed = quantilesOf(toConfirm)
+	res.Delivered = quantilesOf(toArrive)
+	b.logf("figure 4, the broker alone: %d messages at %d/s; publish → confirm %s; publish → delivered %s", n, perSec, res.Confirmed, res.Delivered)
+	return res, nil
+}

@@ -228,6 +228,9 @@ func run(ctx context.Context, o options) (err error) {
 		r.consumer, r.rawConsume = sorted[len(sorted)/2].c, sorted[len(sorted)/2].raw
 	}
 	if o.runs(4) {
+		if r.floor, err = b.brokerFloor(ctx, o.sizes.E2ERate, o.sizes.E2EDuration); err != nil {
+			return fmt.Errorf("figure 4 (the broker alone): %w", err)
+		}
 		if r.e2e, err = b.endToEnd(ctx, o.sizes.E2ERate, o.sizes.E2EDuration); err != nil {
 			return fmt.Errorf("figure 4 (end to end): %w", err)
 		}

@@ -24,6 +24,7 @@ type results struct {
 	// consumeRatios are figure 3's rounds, consumer over raw.
 	consumeRatios []float64
 	e2e           e2eResult
+	floor         floorResult
 	peer          peerResult
 	growth        growthResult
 }
@@ -162,6 +163,11 @@ func report(w io.Writer, o options, m machine, r *results) {
 			quant(e.Delivered), "", "", ""})
 		add(line{"4", "end to end: commit → published_at (stamped when the relay marks the row)", quant(e.Published), "", "", ""})
 		add(line{"4", "end to end: commit → the consumer's inbox transaction committed", quant(e.Inbox), "", "p99 ≤ 25 ms", verdict(e.Inbox.P99 <= 25*time.Millisecond)})
+		if f := r.floor; f.N > 0 {
+			add(line{"4", fmt.Sprintf("the broker alone, the floor of the above: raw amqp091-go publishes %s/s for %s to the same two quorum queues, raw consumers: publish → confirm, p50 / p95 / p99", count(s.E2ERate), s.E2EDuration),
+				quant(f.Confirmed), "", "", ""})
+			add(line{"4", "the broker alone: publish → delivered to the raw consumer", quant(f.Delivered), "", "", ""})
+		}
 	case o.runs(4):
 		na("4", "end to end", "not available yet")
 	}
