@@ -198,14 +198,17 @@ func Get(ctx context.Context, q Querier, seq int64, maxPayload int) (Row, bool, 
 // MarkPublished sets published_at on the rows with the given seqs in one
 // short transaction. Call it only after the broker confirmed them. It waits
 // for the write lock with sql.WriteTx, so that an application committing
-// constantly does not keep it waiting for seconds.
+// constantly does not keep it waiting for seconds, and commits without an
+// fsync of its own (sql.WriteTxNoSync), so that it does not hold the lock
+// the application waits for through one: a mark lost to a power loss
+// publishes its rows again, and the consumers' inboxes drop the copies.
 func MarkPublished(ctx context.Context, db *sql.DB, seqs []int64, at time.Time) error {
 	if len(seqs) == 0 {
 		return nil
 	}
 	ts := wsql.FormatTime(at)
 	const chunk = 500
-	err := wsql.WriteTx(ctx, db, wsql.DefaultBusyTimeout, func(tx *sql.Tx) error {
+	err := wsql.WriteTxNoSync(ctx, db, wsql.DefaultBusyTimeout, func(tx *sql.Tx) error {
 		for start := 0; start < len(seqs); start += chunk {
 			part := seqs[start:min(start+chunk, len(seqs))]
 			args := make([]any, 0, len(part)+1)

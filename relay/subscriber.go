@@ -230,11 +230,20 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 }
 
 // recheck is when the reader looks again after a change notification that
-// showed nothing new: inotify reports the write of the WAL file, which can
-// come a moment before the commit is visible to readers (SQLite updates the
-// shared-memory index after the write, and under synchronous=FULL after an
-// fsync). The checks stop once the file is quiet; nothing polls.
-var recheck = []time.Duration{2 * time.Millisecond, 10 * time.Millisecond, 50 * time.Millisecond, 250 * time.Millisecond}
+// showed nothing new: inotify reports the write of the WAL file, which
+// comes before the commit is visible to readers (SQLite updates the
+// shared-memory index after the write and, under synchronous=FULL, after
+// an fsync, which takes tens of milliseconds on a busy disk). No file event
+// marks the moment it becomes visible, so the reader looks again every few
+// milliseconds for a while (a read of an index finding nothing costs tens
+// of microseconds) and then less often; the checks stop once the file is
+// quiet: nothing polls.
+var recheck = []time.Duration{
+	1 * time.Millisecond, 1 * time.Millisecond, 1 * time.Millisecond, 1 * time.Millisecond, 1 * time.Millisecond, // to 5 ms
+	2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, // to 15 ms
+	5 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond, // to 35 ms
+	15 * time.Millisecond, 50 * time.Millisecond, 150 * time.Millisecond, 250 * time.Millisecond, // to 0.5 s
+}
 
 // reader reads unpublished rows after a cursor and hands them over in
 // batches, waking on every change notification.

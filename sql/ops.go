@@ -72,7 +72,23 @@ const (
 // WriteTx runs fn in a write transaction begun with BeginWrite and commits
 // it.
 func WriteTx(ctx context.Context, db *dbsql.DB, wait time.Duration, fn func(*dbsql.Tx) error) error {
-	tx, done, err := BeginWrite(ctx, db, wait)
+	return writeTx(ctx, db, wait, false, fn)
+}
+
+// WriteTxNoSync is WriteTx whose commit does not wait for an fsync
+// (synchronous=NORMAL for this transaction; the connection's own setting
+// is restored after it): the commit survives a crash of the process but
+// not a power loss until the next synced commit or checkpoint of the
+// database writes it out. It is for writes whose loss does no harm and
+// that should not hold the write lock through an fsync while the
+// application waits for it: the relay's marks (a lost mark publishes its
+// row again, and the consumers' inboxes drop the copy).
+func WriteTxNoSync(ctx context.Context, db *dbsql.DB, wait time.Duration, fn func(*dbsql.Tx) error) error {
+	return writeTx(ctx, db, wait, true, fn)
+}
+
+func writeTx(ctx context.Context, db *dbsql.DB, wait time.Duration, noSync bool, fn func(*dbsql.Tx) error) error {
+	tx, done, err := beginWrite(ctx, db, wait, noSync)
 	if err != nil {
 		return err
 	}
@@ -95,6 +111,12 @@ func WriteTx(ctx context.Context, db *dbsql.DB, wait time.Duration, fn func(*dbs
 // transaction ended (Commit or Rollback): it gives the connection back to
 // db's pool.
 func BeginWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (tx *dbsql.Tx, done func(), err error) {
+	return beginWrite(ctx, db, wait, false)
+}
+
+// beginWrite is BeginWrite; with noSync the transaction commits with
+// synchronous=NORMAL and done sets the connection's own level back.
+func beginWrite(ctx context.Context, db *dbsql.DB, wait time.Duration, noSync bool) (tx *dbsql.Tx, done func(), err error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -104,11 +126,31 @@ func BeginWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (tx *dbsq
 		_ = conn.Close()
 		return nil, nil, err
 	}
+	// SQLite refuses to change the level inside a transaction: set it
+	// before BEGIN, set it back after the commit.
+	restoreSync := ""
+	if noSync {
+		var level int
+		if err := conn.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&level); err == nil {
+			if _, err = conn.ExecContext(ctx, `PRAGMA synchronous = NORMAL`); err == nil {
+				restoreSync = fmt.Sprintf(`PRAGMA synchronous = %d`, level)
+			}
+		}
+		// On an error the transaction simply commits at the usual level.
+	}
+	release := func() {
+		if restoreSync != "" {
+			if _, err := conn.ExecContext(context.WithoutCancel(ctx), restoreSync); err != nil {
+				discard(conn)
+			}
+		}
+		_ = conn.Close()
+	}
 	fail := func(err error) (*dbsql.Tx, func(), error) {
 		if _, rerr := conn.ExecContext(context.WithoutCancel(ctx), restore); rerr != nil {
 			discard(conn)
 		}
-		_ = conn.Close()
+		release()
 		return nil, nil, err
 	}
 	start := time.Now()
@@ -139,10 +181,10 @@ func BeginWrite(ctx context.Context, db *dbsql.DB, wait time.Duration) (tx *dbsq
 	if _, err := tx.ExecContext(ctx, restore); err != nil {
 		_ = tx.Rollback()
 		discard(conn)
-		_ = conn.Close()
+		release()
 		return nil, nil, err
 	}
-	return tx, func() { _ = conn.Close() }, nil
+	return tx, release, nil
 }
 
 // setBusyTimeout sets conn's busy timeout to d and returns the statement

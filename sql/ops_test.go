@@ -204,3 +204,51 @@ func TestWriteTxFindsTheGapsOfABusyWriter(t *testing.T) {
 	require.True(t, wsql.IsBusy(err), "%v", err)
 	require.Contains(t, err.Error(), "write lock")
 }
+
+// WriteTxNoSync commits at synchronous=NORMAL and hands the connection
+// back at the level it had (the pool may be the application's).
+func TestWriteTxNoSync(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "app.db")
+	db, err := wsql.Open(ctx, path, wsql.Options{})
+	require.NoError(t, err)
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	_, err = db.Exec(`CREATE TABLE t (n INTEGER)`)
+	require.NoError(t, err)
+
+	var during, after, busy int
+	require.NoError(t, wsql.WriteTxNoSync(ctx, db, time.Second, func(tx *dbsql.Tx) error {
+		if err := tx.QueryRow(`PRAGMA synchronous`).Scan(&during); err != nil {
+			return err
+		}
+		_, err := tx.Exec(`INSERT INTO t VALUES (1)`)
+		return err
+	}))
+	require.Equal(t, 1, during, "NORMAL while the transaction runs")
+	require.NoError(t, db.QueryRow(`PRAGMA synchronous`).Scan(&after))
+	require.Equal(t, 2, after, "FULL again afterwards")
+	require.NoError(t, db.QueryRow(`PRAGMA busy_timeout`).Scan(&busy))
+	require.Equal(t, int(wsql.DefaultBusyTimeout.Milliseconds()), busy)
+
+	// A failing fn rolls back and restores the level too.
+	boom := errors.New("boom")
+	err = wsql.WriteTxNoSync(ctx, db, time.Second, func(tx *dbsql.Tx) error {
+		if _, err := tx.Exec(`INSERT INTO t VALUES (2)`); err != nil {
+			return err
+		}
+		return boom
+	})
+	require.ErrorIs(t, err, boom)
+	require.NoError(t, db.QueryRow(`PRAGMA synchronous`).Scan(&after))
+	require.Equal(t, 2, after)
+
+	// The commit is visible to another connection.
+	other, err := wsql.Open(ctx, path, wsql.Options{ReadOnly: true})
+	require.NoError(t, err)
+	defer other.Close()
+	var n int
+	require.NoError(t, other.QueryRow(`SELECT count(*) FROM t`).Scan(&n))
+	require.Equal(t, 1, n)
+}

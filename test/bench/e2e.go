@@ -146,71 +146,18 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 	}
 
 	n := perSec * int(d/time.Second)
-	ids := make([]string, n)
-	committed := make([]time.Time, n)
-	commitTook := make([]time.Duration, n)
-	interval := time.Second / time.Duration(perSec)
 	var appended atomic.Int64
 	bar := newBar(n, "4 end to end: appending")
 	stopBar := follow(bar, &appended)
 	m := b.meter(p.cmd.Process.Pid)
-	// The application: appenders (as a service's concurrent requests
-	// would) each take the next event on a fixed schedule of perSec per
-	// second and append it in a transaction of its own; with one, a
-	// commit slower than the interval would lower the rate asked for.
-	//
-	// The application writes through one connection, as a SQLite
-	// application with concurrent writers should: database/sql queues
-	// them in order, where SQLite's busy handler would let one of them
-	// wait seconds while the others take the lock.
-	const appenders = 4
-	app.SetMaxOpenConns(1)
-	start := time.Now()
-	var next atomic.Int64
-	errs := make(chan error, appenders)
-	var wg sync.WaitGroup
-	for range appenders {
-		wg.Go(func() {
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n {
-					return
-				}
-				if wait := time.Until(start.Add(time.Duration(i) * interval)); wait > 0 {
-					time.Sleep(wait)
-				}
-				t0 := time.Now()
-				tx, err := app.BeginTx(ctx, nil)
-				if err != nil {
-					errs <- err
-					return
-				}
-				got, err := outbox.Append(ctx, tx, event(producer, warm+i))
-				if err != nil {
-					_ = tx.Rollback()
-					errs <- err
-					return
-				}
-				if err := tx.Commit(); err != nil {
-					errs <- err
-					return
-				}
-				committed[i] = time.Now()
-				commitTook[i] = committed[i].Sub(t0)
-				ids[i] = got[0]
-				appended.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		stopBar()
+	ap, err := appendSteady(ctx, app, producer, warm, n, perSec, &appended)
+	stopBar()
+	if err != nil {
 		return res, err
 	}
-	stopBar()
+	ids, committed, commitTook := ap.ids, ap.committed, ap.took
 	res.N = n
-	res.Achieved = float64(n) / slices.MaxFunc(committed, func(a, b time.Time) int { return a.Compare(b) }).Sub(start).Seconds()
+	res.Achieved = ap.achieved
 	if err := waitCount(ctx, &handled, warm+n, time.Minute); err != nil {
 		return res, fmt.Errorf("%w\nrelay output:\n%s", err, p.output())
 	}
@@ -254,7 +201,7 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 	mu.Unlock()
 	if b.o.verbose {
 		for j := 0; j < len(toPub); j += perSec / 4 {
-			fmt.Fprintf(os.Stderr, "  end to end, appended at %5.2fs: delivered %s ms published_at %s ms inbox %s ms\n", committed[j].Sub(start).Seconds(), ms(toTap[j]), ms(toPub[j]), ms(toInbox[j]))
+			fmt.Fprintf(os.Stderr, "  end to end, appended at %5.2fs: delivered %s ms published_at %s ms inbox %s ms\n", committed[j].Sub(ap.start).Seconds(), ms(toTap[j]), ms(toPub[j]), ms(toInbox[j]))
 		}
 	}
 	res.Commit = quantilesOf(commitTook)
@@ -359,6 +306,8 @@ type floorResult struct {
 	N         int
 	Confirmed quantiles // publish → its confirm
 	Delivered quantiles // publish → arrival at a raw consumer
+	AppCommit quantiles // the application's commits meanwhile
+	CPU       cpuUse
 }
 
 // brokerFloor publishes perSec of the relay's messages per second for d
@@ -366,18 +315,31 @@ type floorResult struct {
 // to a fresh exchange bound to two quorum queues, as in the end-to-end
 // phase (the consumer's queue and the tap), while raw consumers read both
 // (one manual-ack channel with the consumer's prefetch, one auto-ack as
-// the tap). It measures what the broker alone adds at that rate on this
-// machine: publish → confirm and publish → delivered. Nothing of warren
-// runs; the end-to-end figures cannot be lower.
+// the tap), and while the application of the end-to-end phase appends at
+// the same rate to an outbox that no relay reads: the broker shares the
+// disk with its commits, as it does end to end. It measures what the
+// broker adds at that rate on this machine: publish → confirm and publish
+// → delivered. Nothing of warren runs; the end-to-end figures cannot be
+// lower.
 func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (floorResult, error) {
 	var res floorResult
 	k := b.seq.Add(1)
+	producer, err := b.producer(ctx)
+	if err != nil {
+		return res, err
+	}
+	app, appPath, err := b.newDB(ctx, fmt.Sprintf("floor-app-%d", k))
+	if err != nil {
+		return res, err
+	}
+	defer removeDB(appPath)
+	defer app.Close()
 	exchange := b.name(fmt.Sprintf("floor-%d.events", k))
 	if err := b.exchange(exchange); err != nil {
 		return res, err
 	}
 	n := perSec * int(d/time.Second)
-	msgs, err := warrenPublishings("bench-"+b.id, n)
+	msgs, err := warrenPublishings(producer, n)
 	if err != nil {
 		return res, err
 	}
@@ -455,6 +417,15 @@ func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (f
 	}()
 	bar := newBar(n, "4 the broker alone")
 	stopBar := follow(bar, &arrivals)
+	m := b.meter(0)
+	appDone := make(chan error, 1)
+	var appCount atomic.Int64
+	var ap appended
+	go func() {
+		var err error
+		ap, err = appendSteady(ctx, app, producer, 0, n, perSec, &appCount)
+		appDone <- err
+	}()
 	interval := time.Second / time.Duration(perSec)
 	start := time.Now()
 	for i := range msgs {
@@ -469,6 +440,10 @@ func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (f
 	}
 	err = waitCount(ctx, &arrivals, n, time.Minute)
 	stopBar()
+	res.CPU = m.stop()
+	if aerr := <-appDone; err == nil && aerr != nil {
+		err = fmt.Errorf("the application: %w", aerr)
+	}
 	if err != nil {
 		return res, err
 	}
@@ -486,6 +461,78 @@ func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (f
 	res.N = n
 	res.Confirmed = quantilesOf(toConfirm)
 	res.Delivered = quantilesOf(toArrive)
-	b.logf("figure 4, the broker alone: %d messages at %d/s; publish → confirm %s; publish → delivered %s", n, perSec, res.Confirmed, res.Delivered)
+	res.AppCommit = quantilesOf(ap.took)
+	b.logf("figure 4, the broker alone: %d messages at %d/s; publish → confirm %s; publish → delivered %s; the application's commits meanwhile %s (%s)", n, perSec, res.Confirmed, res.Delivered, res.AppCommit, res.CPU)
 	return res, nil
+}
+
+// appended is what appendSteady did.
+type appended struct {
+	start     time.Time
+	ids       []string        // event ids, in schedule order
+	committed []time.Time     // when each commit returned
+	took      []time.Duration // how long each append-and-commit took
+	achieved  float64         // events/s
+}
+
+// appendSteady is the application of figure 4: appenders (as a service's
+// concurrent requests would) each take the next of n events on a fixed
+// schedule of perSec per second and append it to db's outbox in a
+// transaction of its own; with one appender, a commit slower than the
+// interval would lower the rate asked for. Event i is event(producer,
+// first+i). count counts the commits.
+//
+// The application writes through one connection, as a SQLite application
+// with concurrent writers should: database/sql queues them in order, where
+// SQLite's busy handler would let one of them wait seconds while the
+// others take the lock.
+func appendSteady(ctx context.Context, db *sql.DB, producer string, first, n, perSec int, count *atomic.Int64) (appended, error) {
+	const appenders = 4
+	db.SetMaxOpenConns(1)
+	a := appended{ids: make([]string, n), committed: make([]time.Time, n), took: make([]time.Duration, n)}
+	interval := time.Second / time.Duration(perSec)
+	a.start = time.Now()
+	var next atomic.Int64
+	errs := make(chan error, appenders)
+	var wg sync.WaitGroup
+	for range appenders {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n {
+					return
+				}
+				if wait := time.Until(a.start.Add(time.Duration(i) * interval)); wait > 0 {
+					time.Sleep(wait)
+				}
+				t0 := time.Now()
+				tx, err := db.BeginTx(ctx, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				got, err := outbox.Append(ctx, tx, event(producer, first+i))
+				if err != nil {
+					_ = tx.Rollback()
+					errs <- err
+					return
+				}
+				if err := tx.Commit(); err != nil {
+					errs <- err
+					return
+				}
+				a.committed[i] = time.Now()
+				a.took[i] = a.committed[i].Sub(t0)
+				a.ids[i] = got[0]
+				count.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return a, err
+	}
+	a.achieved = float64(n) / slices.MaxFunc(a.committed, func(x, y time.Time) int { return x.Compare(y) }).Sub(a.start).Seconds()
+	return a, nil
 }
