@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -262,4 +263,50 @@ func TestVersionHelperAndErrorText(t *testing.T) {
 	err := e.Validate(0)
 	require.Error(t, err)
 	require.True(t, strings.HasPrefix(err.Error(), "invalid event: producer:"), err.Error())
+}
+
+// MarkPublished marks exactly the rows it is given: runs of consecutive
+// seqs as ranges, the rest one by one, the gaps between them untouched, a
+// row marked before keeps its published_at.
+func TestMarkPublishedMarksExactlyTheGivenRows(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db, _ := testenv.DB(t)
+	evs := make([]outbox.Event, 40)
+	for i := range evs {
+		evs[i] = outbox.Event{Producer: "crm", Type: "company.updated", AggregateType: "company", AggregateID: fmt.Sprint(i), Payload: []byte(`{}`)}
+	}
+	_, err := outbox.AppendDB(ctx, db, evs...)
+	require.NoError(t, err)
+	rows, err := outbox.ReadUnpublished(ctx, db, 0, 100, 0)
+	require.NoError(t, err)
+	require.Len(t, rows, 40)
+	seq := func(i int) int64 { return rows[i].Seq }
+
+	early := time.Now().Add(-time.Hour).Truncate(time.Millisecond)
+	require.NoError(t, outbox.MarkPublished(ctx, db, []int64{seq(3)}, early))
+
+	// Out of order, with a duplicate: runs 0-5 and 10-19 and 30-33, singles
+	// 7, 8 and 25 and 39; 3 was marked before.
+	var give []int64
+	for _, i := range []int{19, 0, 1, 2, 3, 4, 5, 7, 8, 25, 10, 11, 12, 13, 14, 15, 16, 17, 18, 12, 30, 31, 32, 33, 39} {
+		give = append(give, seq(i))
+	}
+	require.NoError(t, outbox.MarkPublished(ctx, db, give, time.Now()))
+
+	want := map[int64]bool{}
+	for _, s := range give {
+		want[s] = true
+	}
+	rest, err := outbox.ReadUnpublished(ctx, db, 0, 100, 0)
+	require.NoError(t, err)
+	for _, r := range rest {
+		require.False(t, want[r.Seq], "seq %d was given but is unpublished", r.Seq)
+	}
+	require.Len(t, rest, 40-len(want))
+	got, ok, err := outbox.Get(ctx, db, seq(3), 0)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NotNil(t, got.PublishedAt)
+	require.True(t, got.PublishedAt.Equal(early), "marked earlier: %v", got.PublishedAt)
 }

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -207,10 +208,20 @@ func MarkPublished(ctx context.Context, db *sql.DB, seqs []int64, at time.Time) 
 		return nil
 	}
 	ts := wsql.FormatTime(at)
+	runs, singles := seqRuns(seqs)
 	const chunk = 500
 	err := wsql.WriteTxNoSync(ctx, db, wsql.DefaultBusyTimeout, func(tx *sql.Tx) error {
-		for start := 0; start < len(seqs); start += chunk {
-			part := seqs[start:min(start+chunk, len(seqs))]
+		// A run of consecutive seqs is one range of the rowid: a relay
+		// marks whole runs of confirmed rows, and a range costs a fraction
+		// of an IN list of the same rows.
+		for _, r := range runs {
+			if _, err := tx.ExecContext(ctx, `UPDATE warren_outbox SET published_at = ?
+				WHERE seq BETWEEN ? AND ? AND published_at IS NULL`, ts, r[0], r[1]); err != nil {
+				return err
+			}
+		}
+		for start := 0; start < len(singles); start += chunk {
+			part := singles[start:min(start+chunk, len(singles))]
 			args := make([]any, 0, len(part)+1)
 			args = append(args, ts)
 			for _, s := range part {
@@ -227,6 +238,28 @@ func MarkPublished(ctx context.Context, db *sql.DB, seqs []int64, at time.Time) 
 		return fmt.Errorf("mark published: %w", err)
 	}
 	return nil
+}
+
+// seqRuns splits seqs into runs of at least minRun consecutive values
+// ([first, last]) and the values outside such runs. Duplicates count once.
+func seqRuns(seqs []int64) (runs [][2]int64, singles []int64) {
+	const minRun = 4
+	sorted := slices.Clone(seqs)
+	slices.Sort(sorted)
+	sorted = slices.Compact(sorted)
+	for i := 0; i < len(sorted); {
+		j := i + 1
+		for j < len(sorted) && sorted[j] == sorted[j-1]+1 {
+			j++
+		}
+		if j-i >= minRun {
+			runs = append(runs, [2]int64{sorted[i], sorted[j-1]})
+		} else {
+			singles = append(singles, sorted[i:j]...)
+		}
+		i = j
+	}
+	return runs, singles
 }
 
 // DefaultPruneBatch is the largest batch Prune deletes in one transaction

@@ -27,8 +27,40 @@ var sqliteMigrations embed.FS
 // text comparison orders times correctly.
 const TimeFormat = "2006-01-02T15:04:05.000Z"
 
-// FormatTime formats t in TimeFormat (UTC).
-func FormatTime(t time.Time) string { return t.UTC().Format(TimeFormat) }
+// FormatTime formats t in TimeFormat (UTC). The consumer stamps two times
+// per delivery and the relay one per mark: it writes the digits itself,
+// which costs a tenth of time.Format's layout walk.
+func FormatTime(t time.Time) string {
+	t = t.UTC()
+	year, month, day := t.Date()
+	if year < 0 || year > 9999 {
+		return t.Format(TimeFormat)
+	}
+	hour, minute, sec := t.Clock()
+	milli := t.Nanosecond() / int(time.Millisecond)
+	var b [24]byte
+	put := func(i, v, n int) {
+		for j := i + n - 1; j >= i; j-- {
+			b[j] = byte('0' + v%10)
+			v /= 10
+		}
+	}
+	put(0, year, 4)
+	b[4] = '-'
+	put(5, int(month), 2)
+	b[7] = '-'
+	put(8, day, 2)
+	b[10] = 'T'
+	put(11, hour, 2)
+	b[13] = ':'
+	put(14, minute, 2)
+	b[16] = ':'
+	put(17, sec, 2)
+	b[19] = '.'
+	put(20, milli, 3)
+	b[23] = 'Z'
+	return string(b[:])
+}
 
 // ParseTime parses a time stored by warren or by SQLite's strftime. It also
 // accepts RFC 3339 and "YYYY-MM-DD HH:MM:SS" (SQLite's CURRENT_TIMESTAMP), so

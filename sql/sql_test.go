@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -195,4 +196,24 @@ func TestMigrateFromVersion1KeepsTheInbox(t *testing.T) {
 	var indexes int
 	require.NoError(t, db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'warren_inbox' AND name LIKE 'warren_inbox_%'`).Scan(&indexes))
 	require.Equal(t, 4, indexes, "received, status, type, prune (0003 dropped the aggregate index)")
+}
+
+// FormatTime writes the digits itself: it must agree with time.Format.
+func TestFormatTimeMatchesLayout(t *testing.T) {
+	t.Parallel()
+	loc := time.FixedZone("x", -5*3600-30*60)
+	times := []time.Time{
+		time.Date(2026, 11, 22, 7, 5, 9, 123456789, time.UTC),
+		time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC),
+		time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC),
+		time.Date(2024, 2, 29, 23, 30, 0, 1_000_000, loc), // another day in UTC
+		time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC),     // beyond four digits: time.Format
+		time.Unix(0, 0),
+	}
+	for i := range 1000 {
+		times = append(times, time.Unix(int64(i)*7_919_993, int64(i)*1_234_567))
+	}
+	for _, tm := range times {
+		require.Equal(t, tm.UTC().Format(wsql.TimeFormat), wsql.FormatTime(tm), "%v", tm)
+	}
 }
