@@ -207,7 +207,7 @@ func TestFormatTimeMatchesLayout(t *testing.T) {
 		time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC),
 		time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC),
 		time.Date(2024, 2, 29, 23, 30, 0, 1_000_000, loc), // another day in UTC
-		time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC),     // beyond four digits: time.Format
+		time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC),      // beyond four digits: time.Format
 		time.Unix(0, 0),
 	}
 	for i := range 1000 {
