@@ -133,12 +133,14 @@ func (c *committer) loopFrom(pending []*job) {
 		}
 		batch = append(batch[:0], j)
 		open := c.drain(&batch)
-		// Group commit: the deliveries the last batch released are on
-		// their way back (ack, next delivery, parse). When this batch
-		// would be short of them, wait a moment for them rather than pay
-		// a commit for a part of them. Never after a pause: then the
-		// first delivery goes at once.
-		if wait := c.groupWait(); open && time.Since(lastEnd) < wait {
+		// Group commit: when the consumer runs at its limit, the
+		// deliveries the last batch released are on their way back (ack,
+		// next delivery, parse). When this batch would be short of them,
+		// wait a moment for them rather than pay a commit for a part of
+		// them. Never after a pause, and never after a small batch: then
+		// deliveries arrive at the producers' pace, not in a loop with
+		// the commits, and waiting would only delay them.
+		if wait := c.groupWait(); open && released >= c.maxBatch/4 && time.Since(lastEnd) < wait {
 			want := min(c.maxBatch, len(batch)+released)
 			deadline := time.NewTimer(wait)
 		gather:
