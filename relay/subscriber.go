@@ -235,15 +235,23 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 // shared-memory index after the write and, under synchronous=FULL, after
 // an fsync, which takes tens of milliseconds on a busy disk). No file event
 // marks the moment it becomes visible, so the reader looks again every few
-// milliseconds for a while (a read of an index finding nothing costs tens
-// of microseconds) and then less often; the checks stop once the file is
-// quiet: nothing polls.
+// milliseconds for a while and then less often; the checks stop once the
+// file is quiet: nothing polls.
 var recheck = []time.Duration{
-	1 * time.Millisecond, 1 * time.Millisecond, 1 * time.Millisecond, 1 * time.Millisecond, 1 * time.Millisecond, // to 5 ms
-	2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, // to 15 ms
-	5 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond, // to 35 ms
+	2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, // to 10 ms
+	5 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond, // to 30 ms
 	15 * time.Millisecond, 50 * time.Millisecond, 150 * time.Millisecond, 250 * time.Millisecond, // to 0.5 s
 }
+
+// readGap is the least time between the starts of two reads that a change
+// notification asks for. A read after another connection's commit costs
+// more than the commit itself (SQLite drops the reader's page cache and
+// reads the pages again): an application committing every millisecond
+// would have the relay read once per commit, and a notification for each
+// WAL write, often before the commit is visible. Waiting until readGap has
+// passed gathers a few commits per read, at the cost of at most readGap of
+// latency; a backlog is read in full batches without waiting.
+const readGap = 2 * time.Millisecond
 
 // reader reads unpublished rows after a cursor and hands them over in
 // batches, waking on every change notification.
@@ -254,6 +262,7 @@ func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		lastRead := time.Now()
 		rows, err := outbox.ReadUnpublished(ctx, s.db, cursor, s.cfg.BatchSize, s.cfg.MaxPayloadBytes)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -287,8 +296,10 @@ func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
 			recheckC = timer.C
 			step++
 		}
+		woken := false
 		select {
 		case <-s.wake:
+			woken = true
 			step = 0
 		case <-recheckC:
 		case <-ctx.Done():
@@ -298,6 +309,14 @@ func (s *subscriber) reader(ctx context.Context, batches chan<- []outbox.Row) {
 			select {
 			case <-timer.C:
 			default:
+			}
+		}
+		if gap := readGap - time.Since(lastRead); woken && gap > 0 {
+			timer.Reset(gap)
+			select {
+			case <-timer.C:
+			case <-ctx.Done():
+				return
 			}
 		}
 	}

@@ -1,11 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"database/sql"
 	"fmt"
+	"math"
+	"net"
+	"net/http"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,7 +52,11 @@ type e2eResult struct {
 	Delivered quantiles // commit → arrival at a raw consumer of a second queue
 	Published quantiles // commit → published_at (the relay's mark)
 	Inbox     quantiles // commit → the inbox transaction committed
-	CPU       cpuUse
+	// Confirm is the relay's publish → confirm, estimated from its
+	// warren_relay_confirm_seconds histogram (Max: the upper bound of the
+	// highest bucket used).
+	Confirm quantiles
+	CPU     cpuUse
 }
 
 // endToEnd is figure 4: an application appends one event per transaction
@@ -122,7 +132,11 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 	}
 	defer stopTap()
 
-	p, err := b.startWarren([]string{"WARREN_DB=" + appPath, "WARREN_URL=" + b.o.url, "WARREN_LOG_LEVEL=info"}, "relay")
+	metricsAddr, err := freeAddr()
+	if err != nil {
+		return res, err
+	}
+	p, err := b.startWarren([]string{"WARREN_DB=" + appPath, "WARREN_URL=" + b.o.url, "WARREN_LOG_LEVEL=info", "WARREN_METRICS_ADDR=" + metricsAddr}, "relay")
 	if err != nil {
 		return res, err
 	}
@@ -145,6 +159,11 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 		return res, fmt.Errorf("warm-up: %w\nrelay output:\n%s", err, p.output())
 	}
 
+	// The relay's own publish → confirm histogram, from here on.
+	confirmsBefore, err := scrapeHistogram(ctx, metricsAddr, "warren_relay_confirm_seconds")
+	if err != nil {
+		return res, err
+	}
 	n := perSec * int(d/time.Second)
 	var appended atomic.Int64
 	bar := newBar(n, "4 end to end: appending")
@@ -162,6 +181,11 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 		return res, fmt.Errorf("%w\nrelay output:\n%s", err, p.output())
 	}
 	res.CPU = m.stop()
+	confirmsAfter, err := scrapeHistogram(ctx, metricsAddr, "warren_relay_confirm_seconds")
+	if err != nil {
+		return res, err
+	}
+	res.Confirm = confirmsAfter.minus(confirmsBefore).quantiles()
 
 	// Every row is marked published shortly after its confirm.
 	if _, err := waitDrained(ctx, app, 1, n, newBar(n, "4 waiting for the last marks"), p.done, 30*time.Second); err != nil {
@@ -208,8 +232,8 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 	res.Delivered = quantilesOf(toTap)
 	res.Published = quantilesOf(toPub)
 	res.Inbox = quantilesOf(toInbox)
-	b.logf("figure 4: %d events at %.0f/s (asked %d/s); application commit %s; commit → delivered %s; commit → published_at %s; commit → inbox %s (%s)",
-		n, res.Achieved, perSec, res.Commit, res.Delivered, res.Published, res.Inbox, res.CPU)
+	b.logf("figure 4: %d events at %.0f/s (asked %d/s); application commit %s; commit → delivered %s; commit → published_at %s; commit → inbox %s; the relay's publish → confirm (its histogram) %s (%s)",
+		n, res.Achieved, perSec, res.Commit, res.Delivered, res.Published, res.Inbox, res.Confirm, res.CPU)
 	if err := p.stop(30 * time.Second); err != nil {
 		return res, fmt.Errorf("stop relay: %w\n%s", err, p.output())
 	}
@@ -535,4 +559,116 @@ func appendSteady(ctx context.Context, db *sql.DB, producer string, first, n, pe
 	}
 	a.achieved = float64(n) / slices.MaxFunc(a.committed, func(x, y time.Time) int { return x.Compare(y) }).Sub(a.start).Seconds()
 	return a, nil
+}
+
+// freeAddr returns a loopback address with a port free a moment ago.
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// histogram is a Prometheus histogram as scraped: cumulative counts by
+// upper bound, in increasing order.
+type histogram struct {
+	bounds []float64 // seconds; the last is +Inf
+	counts []float64
+}
+
+// scrapeHistogram reads the histogram name from the /metrics page at addr.
+func scrapeHistogram(ctx context.Context, addr, name string) (histogram, error) {
+	var h histogram
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
+	if err != nil {
+		return h, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return h, fmt.Errorf("scrape the relay's metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	prefix := name + `_bucket{le="`
+	for sc.Scan() {
+		line := sc.Text()
+		rest, ok := strings.CutPrefix(line, prefix)
+		if !ok {
+			continue
+		}
+		le, value, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			return h, fmt.Errorf("metrics: cannot read %q", line)
+		}
+		bound, err := strconv.ParseFloat(le, 64)
+		if err != nil {
+			return h, fmt.Errorf("metrics: %q: %w", line, err)
+		}
+		count, err := strconv.ParseFloat(strings.Fields(value)[0], 64)
+		if err != nil {
+			return h, fmt.Errorf("metrics: %q: %w", line, err)
+		}
+		h.bounds = append(h.bounds, bound)
+		h.counts = append(h.counts, count)
+	}
+	if err := sc.Err(); err != nil {
+		return h, err
+	}
+	if len(h.bounds) == 0 {
+		return h, fmt.Errorf("metrics: no %s histogram on http://%s/metrics", name, addr)
+	}
+	return h, nil
+}
+
+// minus is h with the counts of an earlier scrape taken away.
+func (h histogram) minus(earlier histogram) histogram {
+	out := histogram{bounds: h.bounds, counts: slices.Clone(h.counts)}
+	if len(earlier.counts) == len(h.counts) {
+		for i := range out.counts {
+			out.counts[i] -= earlier.counts[i]
+		}
+	}
+	return out
+}
+
+// quantiles estimates p50, p95 and p99 as Prometheus' histogram_quantile
+// does: linear within the bucket the rank falls in. Max is the upper bound
+// of the highest bucket that counted anything.
+func (h histogram) quantiles() quantiles {
+	total := h.counts[len(h.counts)-1]
+	if total == 0 {
+		return quantiles{}
+	}
+	at := func(q float64) time.Duration {
+		rank := q * total
+		lower, below := 0.0, 0.0
+		for i, c := range h.counts {
+			if c >= rank {
+				upper := h.bounds[i]
+				if math.IsInf(upper, 1) {
+					upper = lower // beyond the last bound: say the last bound
+				}
+				frac := 0.0
+				if c > below {
+					frac = (rank - below) / (c - below)
+				}
+				return time.Duration((lower + frac*(upper-lower)) * float64(time.Second))
+			}
+			lower, below = h.bounds[i], c
+		}
+		return time.Duration(lower * float64(time.Second))
+	}
+	q := quantiles{P50: at(0.50), P95: at(0.95), P99: at(0.99)}
+	for i := range h.counts {
+		if i == 0 || h.counts[i] > h.counts[i-1] {
+			q.Max = time.Duration(h.bounds[i] * float64(time.Second))
+			if math.IsInf(h.bounds[i], 1) {
+				q.Max = time.Duration(h.bounds[i-1] * float64(time.Second))
+			}
+		}
+	}
+	return q
 }

@@ -162,6 +162,7 @@ func report(w io.Writer, o options, m machine, r *results) {
 			count(s.E2ERate), s.E2EDuration, count(int(e.Achieved+0.5)), ms(e.Commit.P99)),
 			quant(e.Delivered), "", "", ""})
 		add(line{"4", "end to end: commit → published_at (stamped when the relay marks the row)", quant(e.Published), "", "", ""})
+		add(line{"4", "end to end: the relay's own publish → confirm (its warren_relay_confirm_seconds histogram, interpolated within buckets)", quant(e.Confirm), "", "", ""})
 		add(line{"4", "end to end: commit → the consumer's inbox transaction committed", quant(e.Inbox), "", "p99 ≤ 25 ms", verdict(e.Inbox.P99 <= 25*time.Millisecond)})
 		if f := r.floor; f.N > 0 {
 			add(line{"4", fmt.Sprintf("the broker alone, the floor of the above: raw amqp091-go publishes %s/s for %s to the same two quorum queues, raw consumers, while the application appends as above to an outbox no relay reads (its commits p99 %s ms): publish → confirm, p50 / p95 / p99", count(s.E2ERate), s.E2EDuration, ms(f.AppCommit.P99)),
