@@ -247,6 +247,16 @@ func (c *committer) run(batch []*job) (rest []*job, alive bool) {
 		c.failAll(batch, fmt.Errorf("inbox: commit: %w", err))
 		return nil, true
 	}
+	// The deliveries whose handler succeeded (or that were processed
+	// before) are acked now, all at once, rather than each when its
+	// handler goroutine has unwound to the Router: the broker sends the
+	// next ones meanwhile.
+	for i, j := range batch {
+		if r := results[i]; j.kind == jobHandle && j.d.msg != nil &&
+			(r.outcome == outcomeOK && r.err == nil || r.outcome == outcomeDuplicate) {
+			settleEarly(j.d.msg)
+		}
+	}
 	for i, j := range batch {
 		j.done <- results[i]
 	}

@@ -40,7 +40,8 @@ type subscriber struct {
 	queue    string
 	prefetch int
 	// slots holds one token per delivery handed to the Router and not yet
-	// acked or nacked: its capacity is the concurrency.
+	// settled (acked or nacked, see handout): its capacity is the
+	// concurrency.
 	slots    chan struct{}
 	topology func(context.Context, *amqp.Connection) error
 	log      *slog.Logger
@@ -308,29 +309,68 @@ func (s *subscriber) consume(ctx context.Context, conn *amqp.Connection, out cha
 			a.settle(d.DeliveryTag, false)
 			continue
 		}
-		msg.SetContext(ctx)
+		h := &handout{tag: d.DeliveryTag, a: a, slots: s.slots}
+		msg.SetContext(context.WithValue(ctx, handoutKey{}, h))
 		select {
 		case out <- msg:
 		case <-s.stopped.Done():
-			<-s.slots
-			a.settle(d.DeliveryTag, false)
+			h.settle(false)
 			s.finish(ch, tag, a)
 			return nil
 		}
-		go s.await(msg, d.DeliveryTag, a)
+		go s.await(msg, h)
 	}
 }
 
-// await settles one delivery when the Router acks or nacks its message.
-func (s *subscriber) await(msg *message.Message, tag uint64, a *acker) {
+// await settles one delivery when the Router acks or nacks its message,
+// unless the consumer settled it before (settleEarly).
+func (s *subscriber) await(msg *message.Message, h *handout) {
 	select {
 	case <-msg.Acked():
-		a.settle(tag, true)
+		h.settle(true)
 	case <-msg.Nacked():
-		a.settle(tag, false)
+		h.settle(false)
 	case <-s.kill:
+		h.release()
 	}
-	<-s.slots
+}
+
+// handout is a delivery handed to the Router. It is settled once: by the
+// Router's ack or nack, or earlier by the consumer (settleEarly) as soon
+// as the outcome is certain, and then frees its slot.
+type handout struct {
+	tag   uint64
+	a     *acker
+	slots chan struct{}
+	done  atomic.Bool
+}
+
+type handoutKey struct{}
+
+// settle acks (ok) or nacks the delivery and frees its slot, once.
+func (h *handout) settle(ok bool) {
+	if h.done.CompareAndSwap(false, true) {
+		h.a.settle(h.tag, ok)
+		<-h.slots
+	}
+}
+
+// release frees the slot without settling (the connection is cut).
+func (h *handout) release() {
+	if h.done.CompareAndSwap(false, true) {
+		<-h.slots
+	}
+}
+
+// settleEarly acks msg's delivery now, before its handler returns to the
+// Router: the inbox transaction that holds it committed, and the Router
+// will ack it. The committer calls it right after the commit, for every
+// delivery of the batch at once, so that their acks go out as one frame
+// and the next deliveries come while the handler goroutines unwind.
+func settleEarly(msg *message.Message) {
+	if h, ok := msg.Context().Value(handoutKey{}).(*handout); ok {
+		h.settle(true)
+	}
 }
 
 // finish ends a clean stop: the broker stops delivering, the deliveries
