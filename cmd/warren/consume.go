@@ -124,6 +124,7 @@ func sinkHandler(cfg Config) consumer.Handler {
 }
 
 func runConsume(ctx context.Context, cfg Config, log *slog.Logger) error {
+	consumer.TuneProcess()
 	ccfg, err := consumerConfig(cfg, log)
 	if err != nil {
 		return err

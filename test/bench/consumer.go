@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/pprof"
+	"runtime/trace"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -152,8 +154,28 @@ func (b *bench) cpuProfile(name string) (func(), error) {
 		_ = f.Close()
 		return nil, err
 	}
-	b.logf("CPU profile of this process in %s", f.Name())
-	return func() { pprof.StopCPUProfile(); _ = f.Close() }, nil
+	// And an execution trace: where the goroutines wait (go tool trace
+	// -pprof=sched|sync|syscall).
+	tracePath := strings.TrimSuffix(f.Name(), "-cpu.pprof") + ".trace"
+	tf, err := os.Create(tracePath)
+	if err != nil {
+		pprof.StopCPUProfile()
+		_ = f.Close()
+		return nil, err
+	}
+	if err := trace.Start(tf); err != nil {
+		pprof.StopCPUProfile()
+		_ = f.Close()
+		_ = tf.Close()
+		return nil, err
+	}
+	b.logf("CPU profile of this process in %s, execution trace in %s", f.Name(), tracePath)
+	return func() {
+		trace.Stop()
+		_ = tf.Close()
+		pprof.StopCPUProfile()
+		_ = f.Close()
+	}, nil
 }
 
 // fillQueue publishes msgs to the producer's exchange and waits until queue

@@ -40,6 +40,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/warrenmq/warren/consumer"
 )
 
 // sizes are the phase sizes of a run.
@@ -113,6 +115,9 @@ func main() {
 		flag.PrintDefaults()
 	}
 	flag.Parse()
+	// This process runs the consumer of figures 3 and 4 as an application
+	// should, and as `warren consume` does: consumer.TuneProcess.
+	consumer.TuneProcess()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected argument %q\n", flag.Arg(0))
 		flag.Usage()
