@@ -229,7 +229,7 @@ func (c ConnectionConfig) amqpConfig(ctx context.Context, onConn func(net.Conn))
 			if onConn != nil {
 				onConn(conn)
 			}
-			return conn, nil
+			return newCoalescingConn(conn), nil
 		},
 	}, nil
 }

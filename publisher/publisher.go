@@ -116,10 +116,10 @@ type Config struct {
 	// Unroutable says what a publish returned by the broker as unroutable
 	// does. Default UnroutableCount.
 	Unroutable UnroutablePolicy
-	// OnConfirmed, if set, is called once per Publish call with the number
-	// of its messages the broker confirmed and routed to at least one queue,
-	// and the time from the call's first publish to its last confirm. It
-	// must be quick and safe for concurrent use. Default: none.
+	// OnConfirmed, if set, is called for every message the broker
+	// confirmed and routed to at least one queue, with n = 1 and the time
+	// from its publish to its confirm. It must be quick and safe for
+	// concurrent use. Default: none.
 	OnConfirmed func(exchange string, n int, latency time.Duration)
 	// OnUnroutable, if set, is called for every message the broker returned
 	// as unroutable, under either UnroutablePolicy. It must be quick and safe for concurrent use. Default:
@@ -329,41 +329,120 @@ func (p *Publisher) Stats() Stats {
 // not have reached the broker; publishing them again is safe for the
 // idempotent consumers of the contract.
 func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
-	if p.isClosed() {
-		return fmt.Errorf("publish to exchange %q: %w", topic, ErrClosed)
-	}
-	if len(msgs) == 0 {
-		return nil
-	}
-	if len(topic) > maxShortstr {
-		return fmt.Errorf("publish to exchange %q: %w: the exchange name is longer than %d bytes", topic[:32]+"...", ErrInvalidMessage, maxShortstr)
+	if err := p.checkCall(topic, len(msgs)); err != nil || len(msgs) == 0 {
+		return err
 	}
 	pubs := make([]amqp.Publishing, len(msgs))
 	for i, m := range msgs {
-		pub, err := Marshaler{}.Marshal(m)
+		pub, err := marshalChecked(topic, m)
 		if err != nil {
-			return fmt.Errorf("publish to exchange %q: %w: %w", topic, ErrInvalidMessage, err)
-		}
-		if err := checkPublishing(m.Metadata.Get(MetaRoutingKey), pub); err != nil {
-			return fmt.Errorf("publish message %s to exchange %q: %w: %w", m.UUID, topic, ErrInvalidMessage, err)
+			return err
 		}
 		pubs[i] = pub
 	}
+	errs := p.publish(topic, msgs, pubs)
+	// One line for the messages left unsent after a failure, not one each.
+	var out []error
+	skipped := 0
+	for _, err := range errs {
+		switch {
+		case err == errNotTried:
+			skipped++
+		case err != nil:
+			out = append(out, err)
+		}
+	}
+	if skipped > 0 {
+		out = append(out, fmt.Errorf("%d more messages of the call to exchange %q were not published after that error", skipped, topic))
+	}
+	return errors.Join(out...)
+}
+
+// PublishEach publishes msgs as Publish does and returns one error per
+// message, in the order of msgs: nil when the broker confirmed it (and, under
+// UnroutableCount, also when it returned it as unroutable), else why it may
+// not have reached the broker. Unlike Publish, a message that cannot be
+// marshaled fails alone and the others are published. The relay hands a
+// batch of outbox rows to one call and marks each confirmed row, whatever
+// became of the others.
+func (p *Publisher) PublishEach(topic string, msgs ...*message.Message) []error {
+	errs := make([]error, len(msgs))
+	if err := p.checkCall(topic, len(msgs)); err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	valid := make([]*message.Message, 0, len(msgs))
+	pubs := make([]amqp.Publishing, 0, len(msgs))
+	index := make([]int, 0, len(msgs))
+	for i, m := range msgs {
+		pub, err := marshalChecked(topic, m)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		valid, pubs, index = append(valid, m), append(pubs, pub), append(index, i)
+	}
+	if len(valid) == 0 {
+		return errs
+	}
+	for k, err := range p.publish(topic, valid, pubs) {
+		if err == errNotTried {
+			err = fmt.Errorf("publish message %s to exchange %q: not published after an earlier message of the call failed", valid[k].UUID, topic)
+		}
+		errs[index[k]] = err
+	}
+	return errs
+}
+
+var _ interface {
+	PublishEach(topic string, msgs ...*message.Message) []error
+} = (*Publisher)(nil)
+
+// checkCall refuses a call on a closed publisher or with an exchange name
+// AMQP cannot carry.
+func (p *Publisher) checkCall(topic string, n int) error {
+	if p.isClosed() {
+		return fmt.Errorf("publish to exchange %q: %w", topic, ErrClosed)
+	}
+	if n > 0 && len(topic) > maxShortstr {
+		return fmt.Errorf("publish to exchange %q: %w: the exchange name is longer than %d bytes", topic[:32]+"...", ErrInvalidMessage, maxShortstr)
+	}
+	return nil
+}
+
+// marshalChecked marshals m and checks the result against AMQP's limits.
+func marshalChecked(topic string, m *message.Message) (amqp.Publishing, error) {
+	pub, err := Marshaler{}.Marshal(m)
+	if err != nil {
+		return amqp.Publishing{}, fmt.Errorf("publish to exchange %q: %w: %w", topic, ErrInvalidMessage, err)
+	}
+	if err := checkPublishing(m.Metadata.Get(MetaRoutingKey), pub); err != nil {
+		return amqp.Publishing{}, fmt.Errorf("publish message %s to exchange %q: %w: %w", m.UUID, topic, ErrInvalidMessage, err)
+	}
+	return pub, nil
+}
+
+// errNotTried marks, in publish's result, the messages of a call that were
+// not queued because an earlier one could not be.
+var errNotTried = errors.New("not tried")
+
+// publish queues the marshaled msgs on one connection, in order, waits
+// for their confirms and returns one error per message (errNotTried for
+// those after a message that could not be queued). OnConfirmed is called
+// for each confirmed and routed message, with its own publish-to-confirm
+// time.
+func (p *Publisher) publish(topic string, msgs []*message.Message, pubs []amqp.Publishing) []error {
 	p.want()
 
 	// Queue the messages on one connection, in order, then wait for their
 	// confirms. If the connection breaks before any of them was written,
 	// the call starts again on the next connection; once one was written,
 	// the rest are not sent on another connection (they would overtake it).
-	var (
-		errs    []error
-		pds     = make([]*pending, len(msgs))
-		queued  int
-		routed  int
-		first   time.Time
-		last    time.Time
-		returns []*pending
-	)
+	errs := make([]error, len(msgs))
+	pds := make([]*pending, len(msgs))
+	var queued int
 	for {
 		var s *session
 		var stopErr error
@@ -386,54 +465,33 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 			continue // nothing reached the wire: start again on the next connection
 		}
 		if stopErr != nil {
-			errs = append(errs, stopErr)
-			if rest := len(msgs) - queued - 1; rest > 0 {
-				errs = append(errs, fmt.Errorf("%d more messages of the call to exchange %q were not published after that error", rest, topic))
+			errs[queued] = stopErr
+			for j := queued + 1; j < len(msgs); j++ {
+				errs[j] = errNotTried
 			}
 		}
 		break
 	}
 
 	for i, pd := range pds[:queued] {
-		if pd.abandoned {
-			errs = append(errs, fmt.Errorf("publish message %s to exchange %q: gave up waiting for the confirm: %w", pd.msgID, topic, context.Cause(msgs[i].Context())))
-			continue
-		}
-		if pd.unsent {
-			if p.isClosed() {
-				errs = append(errs, fmt.Errorf("publish message %s to exchange %q: %w", pd.msgID, topic, ErrClosed))
-			} else {
-				errs = append(errs, fmt.Errorf("%s: %w", notWrittenAfterBreak, pd.err))
+		switch {
+		case pd.abandoned:
+			errs[i] = fmt.Errorf("publish message %s to exchange %q: gave up waiting for the confirm: %w", pd.msgID, topic, context.Cause(msgs[i].Context()))
+		case pd.unsent && p.isClosed():
+			errs[i] = fmt.Errorf("publish message %s to exchange %q: %w", pd.msgID, topic, ErrClosed)
+		case pd.unsent:
+			errs[i] = fmt.Errorf("%s: %w", notWrittenAfterBreak, pd.err)
+		default:
+			if pd.returned && p.cfg.OnUnroutable != nil {
+				p.cfg.OnUnroutable(pd.exchange, pd.key, pd.msgID) // counted under either policy
 			}
-			continue
-		}
-		if first.IsZero() || pd.sentAt.Before(first) {
-			first = pd.sentAt
-		}
-		if pd.returned {
-			returns = append(returns, pd) // counted under either policy
-		}
-		if pd.err != nil {
-			errs = append(errs, pd.err)
-			continue
-		}
-		if pd.returned {
-			continue
-		}
-		routed++
-		if pd.doneAt.After(last) {
-			last = pd.doneAt
+			errs[i] = pd.err
+			if pd.err == nil && !pd.returned && p.cfg.OnConfirmed != nil {
+				p.cfg.OnConfirmed(topic, 1, pd.doneAt.Sub(pd.sentAt))
+			}
 		}
 	}
-	if routed > 0 && p.cfg.OnConfirmed != nil {
-		p.cfg.OnConfirmed(topic, routed, last.Sub(first))
-	}
-	if p.cfg.OnUnroutable != nil {
-		for _, pd := range returns {
-			p.cfg.OnUnroutable(pd.exchange, pd.key, pd.msgID)
-		}
-	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // Close waits up to Config.CloseTimeout for the outstanding confirms, then

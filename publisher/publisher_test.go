@@ -639,3 +639,63 @@ func TestInvalidMessageIsRefusedBeforeSending(t *testing.T) {
 	require.EqualValues(t, 2, st.Published, "nothing of an invalid call was sent")
 	require.Equal(t, 2, a.count(queue))
 }
+
+// TestPublishEachReportsEveryMessage: one call, one outcome per message in
+// call order. An invalid message fails alone, an unroutable one (policy
+// keep) fails with ErrUnroutable, and the others reach the queue; the
+// confirm hook sees each routed message once, with its own latency.
+func TestPublishEachReportsEveryMessage(t *testing.T) {
+	t.Parallel()
+	a := newAdmin(t)
+	exchange := unique("each") + ".events"
+	a.exchange(exchange)
+	queue := unique("q")
+	a.queue(queue, nil, exchange, "company.*")
+	var confirmed atomic.Int64
+	p := newPublisher(t, publisher.Config{
+		Unroutable: publisher.UnroutableKeep,
+		OnConfirmed: func(ex string, n int, latency time.Duration) {
+			assert.Equal(t, exchange, ex)
+			assert.Equal(t, 1, n)
+			assert.Positive(t, latency)
+			confirmed.Add(int64(n))
+		},
+	})
+
+	msgs := make([]*message.Message, 40)
+	for i := range msgs {
+		msgs[i] = event("p", "company.updated")
+	}
+	msgs[7].Metadata.Set(publisher.MetaRoutingKey, strings.Repeat("k", 300)) // invalid
+	msgs[20] = event("p", "nobody.listens")                                  // unroutable
+	errs := p.PublishEach(exchange, msgs...)
+	require.Len(t, errs, len(msgs))
+	for i, err := range errs {
+		switch i {
+		case 7:
+			require.ErrorIs(t, err, publisher.ErrInvalidMessage)
+		case 20:
+			require.ErrorIs(t, err, publisher.ErrUnroutable)
+		default:
+			require.NoError(t, err, "message %d", i)
+		}
+	}
+	require.Equal(t, 38, a.count(queue))
+	require.EqualValues(t, 38, confirmed.Load())
+	got := a.drain(queue)
+	var want []string
+	for i, m := range msgs {
+		if i != 7 && i != 20 {
+			want = append(want, m.UUID)
+		}
+	}
+	var ids []string
+	for _, d := range got {
+		ids = append(ids, d.MessageId)
+	}
+	require.Equal(t, want, ids, "in call order")
+
+	// Publish keeps its all-or-nothing refusal of an invalid call.
+	require.ErrorIs(t, p.Publish(exchange, event("p", "company.x"), msgs[7]), publisher.ErrInvalidMessage)
+	require.Zero(t, a.count(queue))
+}

@@ -14,6 +14,7 @@ import (
 const (
 	DefaultWindow          = 512
 	DefaultBatchSize       = 500
+	DefaultPublishBatch    = 64
 	DefaultMaxBufferedRows = 2048
 	DefaultMaxBufferBytes  = 16 << 20
 	DefaultRetryMin        = 200 * time.Millisecond
@@ -44,6 +45,14 @@ type Config struct {
 	Window int
 	// BatchSize is how many rows one read takes. Default: DefaultBatchSize.
 	BatchSize int
+	// PublishBatch is how many rows, at most, one message of the relay's
+	// Watermill Router carries to the publisher: the rows ready at once
+	// (one per aggregate, one producer) go in one call, each confirmed and
+	// marked on its own. A steady trickle makes batches of one; a backlog
+	// makes full ones and spares the Router's per-message work (a
+	// goroutine, ack channels, contexts) for all but one row in
+	// PublishBatch. At most Window. Default: DefaultPublishBatch.
+	PublishBatch int
 	// MaxBufferedRows bounds the rows read ahead and held in memory.
 	// Default: DefaultMaxBufferedRows.
 	MaxBufferedRows int
@@ -92,6 +101,9 @@ func (c Config) WithDefaults() Config {
 	if c.BatchSize == 0 {
 		c.BatchSize = DefaultBatchSize
 	}
+	if c.PublishBatch == 0 {
+		c.PublishBatch = min(DefaultPublishBatch, c.Window)
+	}
 	if c.MaxBufferedRows == 0 {
 		c.MaxBufferedRows = DefaultMaxBufferedRows
 	}
@@ -138,10 +150,13 @@ func (c Config) Validate() error {
 	if c.Publisher == nil {
 		errs = append(errs, errors.New("relay config: Publisher is required"))
 	}
-	for name, v := range map[string]int{"Window": c.Window, "BatchSize": c.BatchSize, "MaxBufferedRows": c.MaxBufferedRows, "MaxBufferBytes": c.MaxBufferBytes} {
+	for name, v := range map[string]int{"Window": c.Window, "BatchSize": c.BatchSize, "PublishBatch": c.PublishBatch, "MaxBufferedRows": c.MaxBufferedRows, "MaxBufferBytes": c.MaxBufferBytes} {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("relay config: %s is negative (%d)", name, v))
 		}
+	}
+	if c.Window > 0 && c.PublishBatch > c.Window {
+		errs = append(errs, fmt.Errorf("relay config: PublishBatch %d is above Window %d", c.PublishBatch, c.Window))
 	}
 	if c.RetryMin < 0 || c.RetryMax < 0 || c.DrainTimeout < 0 || c.PollFallback < 0 || c.PruneInterval < 0 || c.ProbeWait < 0 {
 		errs = append(errs, errors.New("relay config: durations must not be negative"))

@@ -115,8 +115,8 @@ func (m *Metrics) PublisherConfig(c publisher.Config) publisher.Config {
 }
 
 // Confirmed counts n events confirmed on exchange after latency, with the
-// signature of publisher.Config.OnConfirmed. The relay publishes one event
-// per call, so latency is one event's publish to confirm.
+// signature of publisher.Config.OnConfirmed, which the publisher calls
+// for each event with its own publish to confirm time.
 func (m *Metrics) Confirmed(exchange string, n int, latency time.Duration) {
 	p := producerOf(exchange)
 	m.published.WithLabelValues(p).Add(float64(n))

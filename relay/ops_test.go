@@ -70,9 +70,12 @@ func TestMetricsCountWhatTheRelayDoes(t *testing.T) {
 
 	handled, ok := testenv.Metric(t, reg, "watermill_handler_execution_time_seconds", map[string]string{"handler_name": "warren-relay", "success": "true"})
 	require.True(t, ok, "Watermill's router metrics")
-	require.EqualValues(t, 50, handled)
+	// A Router message carries the rows ready at once, one per aggregate:
+	// 50 rows of 7 aggregates take 8 messages at least, 50 at most.
+	require.GreaterOrEqual(t, handled, 8.0)
+	require.LessOrEqual(t, handled, 50.0)
 	received, _ := testenv.Metric(t, reg, "watermill_subscriber_messages_received_total", map[string]string{"handler_name": "warren-relay", "acked": "acked"})
-	require.EqualValues(t, 50, received)
+	require.Equal(t, handled, received)
 	require.NoError(t, stop())
 }
 

@@ -11,7 +11,6 @@ import (
 	"github.com/gofrs/flock"
 
 	"github.com/warrenmq/warren/outbox"
-	"github.com/warrenmq/warren/publisher"
 	wsql "github.com/warrenmq/warren/sql"
 )
 
@@ -115,11 +114,15 @@ func (r *Relay) Run(ctx context.Context) error {
 	if r.cfg.Metrics != nil {
 		r.cfg.Metrics.router.instrument(router)
 	}
-	pub := r.cfg.Publisher
+	publish := publishEach(r.cfg.Publisher)
 	router.AddConsumerHandler("warren-relay", "warren_outbox", sub, func(msg *message.Message) error {
-		err := pub.Publish(msg.Metadata.Get(publisher.MetaExchange), msg)
-		sub.report(msg, err == nil) // the router acks or nacks msg as it returns
-		return err
+		b := batchOf(msg)
+		if b == nil {
+			return fmt.Errorf("relay: message %s carries no outbox rows", msg.UUID)
+		}
+		errs := publish(b.exchange, b.msgs)
+		sub.report(msg, errs) // the router acks or nacks msg as it returns
+		return errors.Join(errs...)
 	})
 
 	log.Info("relay started", "db", r.cfg.DBPath, "window", r.cfg.Window)
@@ -143,6 +146,31 @@ func (r *Relay) Run(ctx context.Context) error {
 		return fmt.Errorf("relay: router: %w", runErr)
 	}
 	return nil
+}
+
+// eachPublisher is a publisher that reports the outcome of every message
+// of a call, as *publisher.Publisher does.
+type eachPublisher interface {
+	PublishEach(topic string, msgs ...*message.Message) []error
+}
+
+// publishEach returns how the relay publishes a batch with pub: one
+// PublishEach call when pub has it; else one Publish call, whose error
+// fails every row of the batch (they are published again, which the
+// consumers' inboxes absorb).
+func publishEach(pub message.Publisher) func(topic string, msgs []*message.Message) []error {
+	if ep, ok := pub.(eachPublisher); ok {
+		return func(topic string, msgs []*message.Message) []error { return ep.PublishEach(topic, msgs...) }
+	}
+	return func(topic string, msgs []*message.Message) []error {
+		errs := make([]error, len(msgs))
+		if err := pub.Publish(topic, msgs...); err != nil {
+			for i := range errs {
+				errs[i] = err
+			}
+		}
+		return errs
+	}
 }
 
 // Abort makes a running Run give up on outstanding confirms at once: their

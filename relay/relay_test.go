@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
 	"github.com/warrenmq/warren/outbox"
@@ -303,4 +304,60 @@ func TestConfigValidation(t *testing.T) {
 	require.ErrorContains(t, err, "DB is required")
 	require.ErrorContains(t, err, "DBPath is required")
 	require.ErrorContains(t, err, "Publisher is required")
+}
+
+// TestBatchRowsAreSettledOneByOne: a backlog goes to the publisher in
+// batches (fewer Router messages than rows), and each row of a batch is
+// marked or retried on its own. With the unroutable policy "keep", the
+// rows no queue is bound for fail inside batches of rows that succeed:
+// those are marked once and arrive once, the failed ones stay unpublished.
+func TestBatchRowsAreSettledOneByOne(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	conn := testenv.Conn(t, testenv.URL())
+	queue := testenv.BindQueue(t, conn, b.exchange, "routed.*")
+	keep, err := publisher.New(publisher.Config{Connection: publisher.ConnectionConfig{URL: testenv.URL()}, Unroutable: publisher.UnroutableKeep})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = keep.Close() })
+
+	const rows = 600
+	var evs []outbox.Event
+	for i := range rows {
+		typ := "routed.event"
+		if i%10 == 3 {
+			typ = "unrouted.event"
+		}
+		evs = append(evs, outbox.Event{Producer: b.producer, Type: typ, AggregateID: fmt.Sprint(i), Payload: []byte(`{}`)})
+	}
+	_, err = outbox.AppendDB(ctx, b.db, evs...)
+	require.NoError(t, err)
+
+	reg := prometheus.NewRegistry()
+	m, err := relay.NewMetrics(reg, b.db)
+	require.NoError(t, err)
+	stop := start(t, relay.Config{DB: b.db, DBPath: b.path, Publisher: keep, Metrics: m,
+		RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond})
+	const routed = rows - rows/10
+	waitPublished(t, b.db, routed, 20*time.Second)
+	time.Sleep(300 * time.Millisecond) // retries of the unroutable rows come and fail again
+	require.NoError(t, stop())
+
+	var marked, unrouted int
+	require.NoError(t, b.db.QueryRow(`SELECT count(*) FROM warren_outbox WHERE published_at IS NOT NULL`).Scan(&marked))
+	require.NoError(t, b.db.QueryRow(`SELECT count(*) FROM warren_outbox WHERE published_at IS NULL AND event_type = 'unrouted.event'`).Scan(&unrouted))
+	require.Equal(t, routed, marked, "exactly the routed rows are marked")
+	require.Equal(t, rows/10, unrouted, "the unroutable rows stay unpublished")
+	ds := testenv.Consume(t, conn, queue, routed, 10*time.Second)
+	seen := map[string]bool{}
+	for _, d := range ds {
+		require.False(t, seen[d.MessageId], "%s arrived twice", d.MessageId)
+		seen[d.MessageId] = true
+	}
+	require.Len(t, seen, routed)
+
+	handled, ok := testenv.Metric(t, reg, "watermill_handler_execution_time_seconds", map[string]string{"handler_name": "warren-relay"})
+	require.True(t, ok)
+	require.Less(t, handled, float64(rows)/4, "a backlog goes in batches, not a Router message per row")
+	t.Logf("%d rows in %.0f Router messages", rows, handled)
 }

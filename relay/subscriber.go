@@ -11,6 +11,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 
 	"github.com/warrenmq/warren/outbox"
+	"github.com/warrenmq/warren/publisher"
 )
 
 // subscriber is a Watermill message.Subscriber over warren_outbox. It emits
@@ -19,10 +20,14 @@ import (
 // is read again and re-emitted after a backoff, ahead of the later rows of
 // its aggregate, which wait.
 //
-// The relay's handler tells the subscriber the outcome of each message
-// (report) as it returns to the router, which then acks or nacks the
-// message: the same fact the message's Acked and Nacked channels carry,
-// without a goroutine per message waiting on them.
+// Each Watermill message it emits is a batch: the rows ready at that moment,
+// at most PublishBatch, all of one producer, each of another aggregate. The
+// relay's handler publishes the batch's rows in one call and tells the
+// subscriber the outcome of each row (report) as it returns to the router,
+// which then acks or nacks the message: the facts the message's Acked and
+// Nacked channels carry, row by row, without a goroutine per message
+// waiting on them. A failed row is retried alone; its batch's other rows
+// are marked.
 type subscriber struct {
 	cfg     Config
 	db      *sql.DB
@@ -45,16 +50,33 @@ type pending struct {
 	lastErr  string
 }
 
+// batch is what one emitted message carries: the rows' messages for the
+// publisher, all to one exchange.
+type batch struct {
+	exchange string
+	rows     []*pending
+	msgs     []*message.Message
+}
+
+type batchKey struct{}
+
+// batchOf returns the batch an emitted message carries.
+func batchOf(msg *message.Message) *batch {
+	b, _ := msg.Context().Value(batchKey{}).(*batch)
+	return b
+}
+
 type result struct {
-	msg   *message.Message
-	acked bool
+	msg  *message.Message
+	errs []error // one per row of its batch; nil: published
 }
 
 // report tells the subscriber that the handler is done with msg, which it
-// emitted: published (acked) or not. It never blocks: at most Window
-// messages are in flight and results holds as many.
-func (s *subscriber) report(msg *message.Message, acked bool) {
-	s.results <- result{msg: msg, acked: acked}
+// emitted, and how each of its rows fared (errs[i] is nil for a published
+// row). It never blocks: at most Window messages are in flight and results
+// holds as many.
+func (s *subscriber) report(msg *message.Message, errs []error) {
+	s.results <- result{msg: msg, errs: errs}
 }
 
 // Subscribe starts emitting. The channel closes after ctx is done and every
@@ -89,11 +111,11 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 		heldSize int
 		draining bool
 		results  = s.results
-		flying   = make(map[*message.Message]*pending, s.cfg.Window)
+		flying   = make(map[*message.Message]*batch, s.cfg.Window)
 		retries  = make(chan *pending)
 		quit     = make(chan struct{})
 		next     *message.Message
-		nextP    *pending
+		nextB    *batch
 	)
 	defer close(quit)
 
@@ -142,11 +164,7 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 		var sendCh chan<- *message.Message
 		if !draining && inflight < s.cfg.Window && (next != nil || len(ready) > 0) {
 			if next == nil {
-				nextP = ready[0]
-				ready[0] = nil
-				ready = ready[1:]
-				next = toMessage(&nextP.row)
-				next.SetContext(s.msgCtx)
+				next, nextB = s.nextBatch(&ready, s.cfg.Window-inflight)
 			}
 			sendCh = out
 		}
@@ -161,9 +179,9 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 
 		select {
 		case sendCh <- next:
-			inflight++
-			flying[next] = nextP
-			next, nextP = nil, nil
+			inflight += len(nextB.rows)
+			flying[next] = nextB
+			next, nextB = nil, nil
 
 		case batch := <-batchCh:
 			for i := range batch {
@@ -179,24 +197,31 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 			}
 
 		case r := <-results:
-			p, ok := flying[r.msg]
-			if !ok {
+			b, ok := flying[r.msg]
+			if !ok || len(r.errs) != len(b.rows) {
 				s.log.Error("relay: outcome reported for a message the subscriber did not emit", "uuid", r.msg.UUID)
 				continue
 			}
 			delete(flying, r.msg)
-			inflight--
-			if r.acked {
-				s.marks.add(p.row.Seq)
-				release(p)
-				continue
+			inflight -= len(b.rows)
+			var seqs []int64
+			for i, p := range b.rows {
+				if r.errs[i] == nil {
+					seqs = append(seqs, p.row.Seq)
+				}
 			}
-			if draining {
-				release(p) // stays unpublished; the next run publishes it
-				continue
+			s.marks.add(seqs...)
+			for i, p := range b.rows {
+				switch {
+				case r.errs[i] == nil:
+					release(p)
+				case draining:
+					release(p) // stays unpublished; the next run publishes it
+				default:
+					s.log.Debug("publish failed; will retry", "seq", p.row.Seq, "event_id", p.row.EventID, "attempt", p.attempts+1, "err", r.errs[i])
+					retryLater(p)
+				}
 			}
-			s.log.Debug("publish failed; will retry", "seq", p.row.Seq, "event_id", p.row.EventID, "attempt", p.attempts+1)
-			retryLater(p)
 
 		case p := <-retries:
 			if draining {
@@ -221,12 +246,48 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 			draining = true
 			stopReader()
 			if next != nil { // built but never sent
-				release(nextP)
-				next, nextP = nil, nil
+				for _, p := range nextB.rows {
+					release(p)
+				}
+				next, nextB = nil, nil
 			}
 			s.log.Info("relay stopping: waiting for outstanding confirms", "in_flight", inflight)
 		}
 	}
+}
+
+// nextBatch takes the rows for the next message off the front of ready: at
+// most PublishBatch and room, and only those of the first row's producer
+// (one call publishes to one exchange). The others keep their order.
+func (s *subscriber) nextBatch(ready *[]*pending, room int) (*message.Message, *batch) {
+	r := *ready
+	n := min(len(r), room, s.cfg.PublishBatch)
+	producer := r[0].row.Producer
+	k := 1
+	for k < n && r[k].row.Producer == producer {
+		k++
+	}
+	b := &batch{
+		exchange: publisher.ExchangeName(producer),
+		rows:     make([]*pending, k),
+		msgs:     make([]*message.Message, k),
+	}
+	copy(b.rows, r[:k])
+	clear(r[:k])
+	*ready = r[k:]
+	for i, p := range b.rows {
+		m := toMessage(&p.row)
+		m.SetContext(s.msgCtx)
+		b.msgs[i] = m
+	}
+	uuid := b.msgs[0].UUID
+	if k > 1 {
+		uuid = "outbox-seq-" + strconv.FormatInt(b.rows[0].row.Seq, 10) + "+" + strconv.Itoa(k)
+	}
+	msg := message.NewMessage(uuid, nil)
+	msg.Metadata.Set(publisher.MetaExchange, b.exchange)
+	msg.SetContext(context.WithValue(s.msgCtx, batchKey{}, b))
+	return msg, b
 }
 
 // recheck is when the reader looks again after a change notification that
@@ -350,10 +411,13 @@ func newMarker(ctx context.Context, db *sql.DB, log *slog.Logger, onMark func(in
 	return &marker{db: db, log: log, done: make(chan struct{}), ctx: ctx, onMark: onMark, wake: make(chan struct{}, 1)}
 }
 
-// add queues a confirmed row to be marked. It never blocks.
-func (m *marker) add(seq int64) {
+// add queues confirmed rows to be marked. It never blocks.
+func (m *marker) add(seqs ...int64) {
+	if len(seqs) == 0 {
+		return
+	}
 	m.mu.Lock()
-	m.pending = append(m.pending, seq)
+	m.pending = append(m.pending, seqs...)
 	m.mu.Unlock()
 	m.poke()
 }

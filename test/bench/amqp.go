@@ -171,12 +171,23 @@ func warrenPublishings(producer string, n int) ([]amqp.Publishing, error) {
 	return out, nil
 }
 
+// rawDial connects as a plain amqp091-go program does: amqp.Dial's own
+// dialer and settings, none of warren's (warren's connections gather the
+// writes of back-to-back publishes; the baselines must not).
+func rawDial(url string) (*amqp.Connection, error) {
+	conn, err := amqp.Dial(url)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", publisher.RedactURL(url), err)
+	}
+	return conn, nil
+}
+
 // rawPublish publishes msgs to exchange, mandatory and persistent, on one
 // confirm-mode channel of a connection of its own with at most win
 // publishes awaiting their confirm, and returns the time from the first
 // publish to the last confirm.
 func rawPublish(ctx context.Context, url, exchange string, msgs []amqp.Publishing, win int, bar *progressbar.ProgressBar) (time.Duration, error) {
-	conn, err := publisher.Dial(ctx, publisher.ConnectionConfig{URL: url})
+	conn, err := rawDial(url)
 	if err != nil {
 		return 0, err
 	}
@@ -251,7 +262,7 @@ func rawPublish(ctx context.Context, url, exchange string, msgs []amqp.Publishin
 // message on its own, and returns the time from the first Consume call to
 // the last ack.
 func rawConsume(ctx context.Context, url, queue string, n, channels, prefetch int, bar *progressbar.ProgressBar) (time.Duration, error) {
-	conn, err := publisher.Dial(ctx, publisher.ConnectionConfig{URL: url})
+	conn, err := rawDial(url)
 	if err != nil {
 		return 0, err
 	}

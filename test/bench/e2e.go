@@ -286,7 +286,7 @@ func (b *bench) tap(ctx context.Context, producer, queue string) (func() map[str
 	if err != nil {
 		return nil, err
 	}
-	conn, err := publisher.Dial(ctx, publisher.ConnectionConfig{URL: b.o.url})
+	conn, err := rawDial(b.o.url)
 	if err != nil {
 		del()
 		return nil, err
@@ -376,7 +376,7 @@ func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (f
 	confirmedAt := make([]time.Time, n)
 	arrived := make([]time.Time, n)
 
-	conn, err := publisher.Dial(ctx, publisher.ConnectionConfig{URL: b.o.url})
+	conn, err := rawDial(b.o.url)
 	if err != nil {
 		return res, err
 	}

@@ -233,7 +233,10 @@ func TestMetricsHealthStatusAndPrune(t *testing.T) {
 	require.Equal(t, published, rm["warren_relay_published_total"+p]+rm["warren_relay_unroutable_total"+p], "every row marked published was confirmed")
 	require.Equal(t, 0.0, rm["warren_outbox_oldest_unpublished_seconds"+p])
 	require.Equal(t, 60.0, rm["warren_relay_confirm_seconds_count{}"])
-	require.Equal(t, 75.0, rm["watermill_handler_execution_time_seconds_count{handler_name=warren-relay,success=true}"])
+	// The relay's Router messages carry up to PublishBatch rows each.
+	handled := rm["watermill_handler_execution_time_seconds_count{handler_name=warren-relay,success=true}"]
+	require.Positive(t, handled)
+	require.LessOrEqual(t, handled, 75.0)
 
 	c := "{consumer=" + app + "}"
 	var cm map[string]float64
