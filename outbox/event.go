@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -86,11 +85,25 @@ func invalid(field, format string, args ...any) *ValidationError {
 	return &ValidationError{Field: field, Reason: fmt.Sprintf(format, args...)}
 }
 
-var namePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+// validName reports whether name is an application name of the contract,
+// [a-z0-9][a-z0-9-]{0,62}. The relay checks every row it reads; this is a
+// tenth of a regexp's cost.
+func validName(name string) bool {
+	if len(name) == 0 || len(name) > 63 || name[0] == '-' {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // ValidateProducer checks an application name against the contract.
 func ValidateProducer(name string) error {
-	if !namePattern.MatchString(name) {
+	if !validName(name) {
 		return invalid("producer", "%q is not an application name: use 1 to 63 characters of a-z, 0-9 and '-', starting with a letter or digit", name)
 	}
 	return nil
@@ -120,9 +133,9 @@ func (e *Event) Validate(maxPayload int) error {
 	if len(e.Payload) > maxPayload {
 		return &ValidationError{Field: "payload", Reason: fmt.Sprintf("%d bytes, more than the limit of %d bytes (large messages do not belong on a bus: store the data and send a reference)", len(e.Payload), maxPayload), cause: ErrPayloadTooLarge}
 	}
-	for field, v := range map[string]string{"content_type": e.ContentType, "correlation_id": e.CorrelationID, "aggregate_type": e.AggregateType, "traceparent": e.Traceparent} {
-		if len(v) > 255 || !utf8.ValidString(v) {
-			return invalid(field, "must be UTF-8, at most 255 bytes (an AMQP short string)")
+	for _, f := range [...]struct{ field, v string }{{"content_type", e.ContentType}, {"correlation_id", e.CorrelationID}, {"aggregate_type", e.AggregateType}, {"traceparent", e.Traceparent}} {
+		if len(f.v) > 255 || !utf8.ValidString(f.v) {
+			return invalid(f.field, "must be UTF-8, at most 255 bytes (an AMQP short string)")
 		}
 	}
 	if e.Expiration < 0 {
@@ -171,8 +184,8 @@ func validateHeader(k, v string) error {
 // strings. Anything else (numbers, nesting, not JSON) is an error that says
 // what is wrong.
 func ParseHeaders(raw string) (map[string]string, error) {
-	if strings.TrimSpace(raw) == "" {
-		return map[string]string{}, nil
+	if raw == "{}" || strings.TrimSpace(raw) == "" {
+		return map[string]string{}, nil // most rows: no JSON to decode
 	}
 	var generic map[string]json.RawMessage
 	if err := json.Unmarshal([]byte(raw), &generic); err != nil {

@@ -54,6 +54,7 @@ written).`,
 }
 
 func runRelay(ctx context.Context, cfg Config, log *slog.Logger) error {
+	relay.TuneProcess()
 	db, err := openDB(ctx, cfg)
 	if err != nil {
 		return err

@@ -252,7 +252,7 @@ func report(w io.Writer, o options, m machine, r *results) {
 	if r.peer.PG != "" {
 		fmt.Fprintf(w, ", %s", r.peer.PG)
 	}
-	fmt.Fprintf(w, "; %s (this process GOMAXPROCS %d, `warren relay` the default); load average at start %s.\n", m.Go, runtime.GOMAXPROCS(0), m.LoadAvg)
+	fmt.Fprintf(w, "; %s (this process GOMAXPROCS %d, `warren relay` 1: relay.TuneProcess); load average at start %s.\n", m.Go, runtime.GOMAXPROCS(0), m.LoadAvg)
 	fmt.Fprintf(w, "Command: `%s`\n", commandLine(m.Command))
 }
 
