@@ -122,7 +122,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		}
 		errs := publish(b.exchange, b.msgs)
 		sub.report(msg, errs) // the router acks or nacks msg as it returns
-		return errors.Join(errs...)
+		return batchError(errs)
 	})
 
 	log.Info("relay started", "db", r.cfg.DBPath, "window", r.cfg.Window)
@@ -146,6 +146,30 @@ func (r *Relay) Run(ctx context.Context) error {
 		return fmt.Errorf("relay: router: %w", runErr)
 	}
 	return nil
+}
+
+// batchError is what the handler returns to the Router for a batch: nil
+// when every row was published, else one line that counts the failed rows
+// and gives the first error (the Router logs it; each row is retried on
+// its own).
+func batchError(errs []error) error {
+	var first error
+	failed := 0
+	for _, err := range errs {
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+			failed++
+		}
+	}
+	switch {
+	case failed == 0:
+		return nil
+	case len(errs) == 1:
+		return first
+	}
+	return fmt.Errorf("%d of %d rows not published, they will be retried; the first: %w", failed, len(errs), first)
 }
 
 // eachPublisher is a publisher that reports the outcome of every message
