@@ -202,39 +202,43 @@ func report(w io.Writer, o options, m machine, r *results) {
 	type cpuRow struct {
 		phase string
 		c     cpuUse
+		n     int // messages of the phase
 	}
 	var cs []cpuRow
 	if r.limit.N > 0 {
-		cs = append(cs, cpuRow{"1 the limit", r.limit.CPU})
+		cs = append(cs, cpuRow{"1 the limit", r.limit.CPU, r.limit.N})
 	}
 	if r.drain.N > 0 {
-		cs = append(cs, cpuRow{"2 relay drain", r.drain.CPU})
+		cs = append(cs, cpuRow{"2 relay drain", r.drain.CPU, r.drain.N})
 	}
 	if r.consumer.N > 0 {
-		cs = append(cs, cpuRow{"3 consumer", r.consumer.CPU}, cpuRow{"3 raw consume", r.rawConsume.CPU})
+		cs = append(cs, cpuRow{"3 consumer", r.consumer.CPU, r.consumer.N}, cpuRow{"3 raw consume", r.rawConsume.CPU, r.rawConsume.N})
 	}
 	if r.floor.N > 0 {
-		cs = append(cs, cpuRow{"4 the broker alone", r.floor.CPU})
+		cs = append(cs, cpuRow{"4 the broker alone", r.floor.CPU, r.floor.N})
 	}
 	if r.e2e.N > 0 {
-		cs = append(cs, cpuRow{"4 end to end", r.e2e.CPU})
+		cs = append(cs, cpuRow{"4 end to end", r.e2e.CPU, r.e2e.N})
 	}
 	if r.peer.N > 0 {
-		cs = append(cs, cpuRow{"5 the peer", r.peer.CPU})
+		cs = append(cs, cpuRow{"5 the peer", r.peer.CPU, r.peer.N})
 	}
 	if len(r.growth.Small) > 0 {
-		cs = append(cs, cpuRow{"6 drain " + count(r.growth.SmallMedian().N), r.growth.SmallMedian().CPU}, cpuRow{"6 drain " + count(r.growth.Large.N), r.growth.Large.CPU})
+		small, large := r.growth.SmallMedian(), r.growth.Large
+		cs = append(cs, cpuRow{"6 drain " + count(small.N), small.CPU, small.N}, cpuRow{"6 drain " + count(large.N), large.CPU, large.N})
 	}
 	if len(cs) > 0 {
-		fmt.Fprintf(w, "\nCPU used during each phase, in cores (%d available): the relay process, the broker, this process (publisher, consumer, appender, forwarder, poller).\n\n", m.CPUs)
-		fmt.Fprintln(w, "| phase | wall | relay | broker | bench |")
-		fmt.Fprintln(w, "|---|---|---|---|---|")
+		fmt.Fprintf(w, "\nCPU used during each phase, in cores (%d available), and per message in µs of CPU time: the relay process, the broker, this process (publisher, consumer, appender, forwarder, poller). The CPU per message moves less from run to run than the rates do.\n\n", m.CPUs)
+		fmt.Fprintln(w, "| phase | wall | relay | broker | bench | µs per message: relay / broker / bench |")
+		fmt.Fprintln(w, "|---|---|---|---|---|---|")
 		for _, c := range cs {
-			relay := "—"
+			relay, relayPer := "—", "—"
 			if c.c.Relay > 0 {
 				relay = fmt.Sprintf("%.2f", c.c.Relay)
+				relayPer = fmt.Sprintf("%.0f", perMessage(c.c.Relay, c.c.Wall, c.n))
 			}
-			fmt.Fprintf(w, "| %s | %s | %s | %.2f | %.2f |\n", c.phase, c.c.Wall.Round(10*time.Millisecond), relay, c.c.Broker, c.c.Bench)
+			fmt.Fprintf(w, "| %s | %s | %s | %.2f | %.2f | %s / %.0f / %.0f |\n", c.phase, c.c.Wall.Round(10*time.Millisecond), relay, c.c.Broker, c.c.Bench,
+				relayPer, perMessage(c.c.Broker, c.c.Wall, c.n), perMessage(c.c.Bench, c.c.Wall, c.n))
 		}
 	}
 
@@ -267,4 +271,13 @@ func commandLine(c string) string {
 		f[0] = "go run ./test/bench"
 	}
 	return strings.Join(f, " ")
+}
+
+// perMessage is the CPU time per message, in µs, of a process that used
+// cores over wall for n messages.
+func perMessage(cores float64, wall time.Duration, n int) float64 {
+	if n <= 0 {
+		return 0
+	}
+	return cores * wall.Seconds() / float64(n) * 1e6
 }
