@@ -3,7 +3,6 @@ package inbox
 import (
 	"context"
 	dbsql "database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -181,21 +180,12 @@ func rowArgs(d *Delivery, status Status, attempts int, lastError string, body an
 	if d.Consumer == "" || d.MessageID == "" {
 		return nil, fmt.Errorf("inbox: a delivery needs a consumer and a message id (got %q, %q)", d.Consumer, d.MessageID)
 	}
-	headers := []byte("{}")
-	if len(d.Headers) > 0 {
-		var err error
-		if headers, err = json.Marshal(d.Headers); err != nil {
-			return nil, fmt.Errorf("inbox: encode headers of %s: %w", d.MessageID, err)
-		}
-	}
-	props, err := json.Marshal(storedProperties{
+	headers := encodeHeaders(d.Headers)
+	props := encodeProperties(storedProperties{
 		ContentEncoding: d.ContentEncoding, CorrelationID: d.CorrelationID, DeliveryMode: d.DeliveryMode,
 		Expiration: d.Expiration, Priority: d.Priority, ReplyTo: d.ReplyTo, UserID: d.UserID,
 		Timestamp: d.Properties().Timestamp,
 	})
-	if err != nil {
-		return nil, fmt.Errorf("inbox: encode properties of %s: %w", d.MessageID, err)
-	}
 	received := d.ReceivedAt
 	if received.IsZero() {
 		received = time.Now()
