@@ -59,6 +59,9 @@ type jobResult struct {
 	recorded bool
 	// took is how long the handler ran.
 	took time.Duration
+	// abandoned: the handler ignored its deadline and may still run,
+	// reading its Delivery.
+	abandoned bool
 }
 
 // committer runs jobs in batches: one BEGIN IMMEDIATE transaction, a
@@ -332,7 +335,7 @@ func (w *watchdog) fire() {
 		"message_id", j.d.MessageID, "handler_timeout", c.timeout)
 	_ = w.tx.Rollback()
 	w.end()
-	j.done <- jobResult{outcome: outcomeFailed, took: c.timeout + abandonGrace,
+	j.done <- jobResult{outcome: outcomeFailed, took: c.timeout + abandonGrace, abandoned: true,
 		err: fmt.Errorf("handler did not return within the handler timeout %s (it ignores its context)", c.timeout)}
 	rest := make([]*job, 0, len(w.batch)-1)
 	rest = append(rest, w.batch[:i]...)

@@ -387,6 +387,11 @@ func (c *Consumer) deliver(d *Delivery) error {
 			failStatus = inbox.StatusPoisoned
 		}
 		res := c.run(d, failStatus)
+		if res.abandoned {
+			// The abandoned handler may still read d: go on with a copy.
+			cp := *d
+			d = &cp
+		}
 		switch res.outcome {
 		case outcomeOK:
 			return nil
