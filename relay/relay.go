@@ -184,7 +184,17 @@ type eachPublisher interface {
 // consumers' inboxes absorb).
 func publishEach(pub message.Publisher) func(topic string, msgs []*message.Message) []error {
 	if ep, ok := pub.(eachPublisher); ok {
-		return func(topic string, msgs []*message.Message) []error { return ep.PublishEach(topic, msgs...) }
+		return func(topic string, msgs []*message.Message) []error {
+			errs := ep.PublishEach(topic, msgs...)
+			if len(errs) != len(msgs) { // a PublishEach that breaks its contract: publish again
+				err := fmt.Errorf("publish to exchange %q: the publisher reported %d outcomes for %d messages", topic, len(errs), len(msgs))
+				errs = make([]error, len(msgs))
+				for i := range errs {
+					errs[i] = err
+				}
+			}
+			return errs
+		}
 	}
 	return func(topic string, msgs []*message.Message) []error {
 		errs := make([]error, len(msgs))
