@@ -396,10 +396,6 @@ func (p *Publisher) PublishEach(topic string, msgs ...*message.Message) []error 
 	return errs
 }
 
-var _ interface {
-	PublishEach(topic string, msgs ...*message.Message) []error
-} = (*Publisher)(nil)
-
 // checkCall refuses a call on a closed publisher or with an exchange name
 // AMQP cannot carry.
 func (p *Publisher) checkCall(topic string, n int) error {

@@ -28,10 +28,7 @@ func TestMetricsCountWhatTheRelayDoes(t *testing.T) {
 	require.NoError(t, err)
 	_, err = relay.NewMetrics(reg, b.db)
 	require.Error(t, err, "a registry holds one set")
-	pub, err := publisher.New(m.PublisherConfig(publisher.Config{Connection: publisher.ConnectionConfig{URL: testenv.URL()}}))
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = pub.Close() })
-	require.NoError(t, pub.Connect(ctx))
+	pub := newPublisher(t, m.PublisherConfig(publisher.Config{}))
 
 	var evs []outbox.Event
 	for i := range 50 {

@@ -11,6 +11,7 @@ import (
 	"github.com/gofrs/flock"
 
 	"github.com/warrenmq/warren/outbox"
+	"github.com/warrenmq/warren/publisher"
 	wsql "github.com/warrenmq/warren/sql"
 )
 
@@ -178,6 +179,17 @@ type eachPublisher interface {
 	PublishEach(topic string, msgs ...*message.Message) []error
 }
 
+var _ eachPublisher = (*publisher.Publisher)(nil)
+
+// allFailed is the outcome of a batch of n rows that failed together.
+func allFailed(n int, err error) []error {
+	errs := make([]error, n)
+	for i := range errs {
+		errs[i] = err
+	}
+	return errs
+}
+
 // publishEach returns how the relay publishes a batch with pub: one
 // PublishEach call when pub has it; else one Publish call, whose error
 // fails every row of the batch (they are published again, which the
@@ -187,23 +199,16 @@ func publishEach(pub message.Publisher) func(topic string, msgs []*message.Messa
 		return func(topic string, msgs []*message.Message) []error {
 			errs := ep.PublishEach(topic, msgs...)
 			if len(errs) != len(msgs) { // a PublishEach that breaks its contract: publish again
-				err := fmt.Errorf("publish to exchange %q: the publisher reported %d outcomes for %d messages", topic, len(errs), len(msgs))
-				errs = make([]error, len(msgs))
-				for i := range errs {
-					errs[i] = err
-				}
+				return allFailed(len(msgs), fmt.Errorf("publish to exchange %q: the publisher reported %d outcomes for %d messages", topic, len(errs), len(msgs)))
 			}
 			return errs
 		}
 	}
 	return func(topic string, msgs []*message.Message) []error {
-		errs := make([]error, len(msgs))
 		if err := pub.Publish(topic, msgs...); err != nil {
-			for i := range errs {
-				errs[i] = err
-			}
+			return allFailed(len(msgs), err)
 		}
-		return errs
+		return make([]error, len(msgs))
 	}
 }
 

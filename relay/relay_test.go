@@ -33,11 +33,20 @@ func setup(t *testing.T) *bundle {
 	t.Helper()
 	db, path := testenv.DB(t)
 	producer := testenv.Name("relaytest")
-	pub, err := publisher.New(publisher.Config{Connection: publisher.ConnectionConfig{URL: testenv.URL()}})
+	pub := newPublisher(t, publisher.Config{})
+	return &bundle{db: db, path: path, producer: producer, exchange: publisher.ExchangeName(producer), pub: pub}
+}
+
+// newPublisher returns a publisher with cfg on the test broker, connected,
+// and closed when the test ends.
+func newPublisher(t *testing.T, cfg publisher.Config) *publisher.Publisher {
+	t.Helper()
+	cfg.Connection.URL = testenv.URL()
+	pub, err := publisher.New(cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = pub.Close() })
 	require.NoError(t, pub.Connect(context.Background()))
-	return &bundle{db: db, path: path, producer: producer, exchange: publisher.ExchangeName(producer), pub: pub}
+	return pub
 }
 
 // start runs a relay until the test ends (or stop is called) and returns a
@@ -316,9 +325,7 @@ func TestBatchRowsAreSettledOneByOne(t *testing.T) {
 	ctx := context.Background()
 	conn := testenv.Conn(t, testenv.URL())
 	queue := testenv.BindQueue(t, conn, b.exchange, "routed.*")
-	keep, err := publisher.New(publisher.Config{Connection: publisher.ConnectionConfig{URL: testenv.URL()}, Unroutable: publisher.UnroutableKeep})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = keep.Close() })
+	keep := newPublisher(t, publisher.Config{Unroutable: publisher.UnroutableKeep})
 
 	const rows = 600
 	var evs []outbox.Event
@@ -329,7 +336,7 @@ func TestBatchRowsAreSettledOneByOne(t *testing.T) {
 		}
 		evs = append(evs, outbox.Event{Producer: b.producer, Type: typ, AggregateID: fmt.Sprint(i), Payload: []byte(`{}`)})
 	}
-	_, err = outbox.AppendDB(ctx, b.db, evs...)
+	_, err := outbox.AppendDB(ctx, b.db, evs...)
 	require.NoError(t, err)
 
 	rec := &recordingPublisher{Publisher: keep}

@@ -73,7 +73,7 @@ type result struct {
 
 // report tells the subscriber that the handler is done with msg, which it
 // emitted, and how each of its rows fared (errs[i] is nil for a published
-// row). It never blocks: at most Window messages are in flight and results
+// row; errs has one entry per row, which publishEach ensures). It never blocks: at most Window messages are in flight and results
 // holds as many.
 func (s *subscriber) report(msg *message.Message, errs []error) {
 	s.results <- result{msg: msg, errs: errs}
@@ -198,7 +198,7 @@ func (s *subscriber) run(ctx context.Context, out chan<- *message.Message) {
 
 		case r := <-results:
 			b, ok := flying[r.msg]
-			if !ok || len(r.errs) != len(b.rows) {
+			if !ok {
 				s.log.Error("relay: outcome reported for a message the subscriber did not emit", "uuid", r.msg.UUID)
 				continue
 			}
@@ -285,7 +285,6 @@ func (s *subscriber) nextBatch(ready *[]*pending, room int) (*message.Message, *
 		uuid = "outbox-seq-" + strconv.FormatInt(b.rows[0].row.Seq, 10) + "+" + strconv.Itoa(k)
 	}
 	msg := message.NewMessage(uuid, nil)
-	msg.Metadata.Set(publisher.MetaExchange, b.exchange)
 	msg.SetContext(context.WithValue(s.msgCtx, batchKey{}, b))
 	return msg, b
 }
