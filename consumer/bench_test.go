@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -27,6 +28,8 @@ import (
 // the figures are the medians. WARREN_BENCH_CONCURRENCY (default
 // DefaultConcurrency) and WARREN_BENCH_PREFETCH (default twice the
 // concurrency) set the consumer's; the raw consumer gets the same prefetch.
+// WARREN_BENCH_CPUPROFILE names a file for a CPU profile of the warren
+// phase alone (the last round's).
 //
 //	go test -run '^$' -bench Consume -benchtime 1x ./consumer
 func BenchmarkConsume(b *testing.B) {
@@ -116,6 +119,16 @@ func benchRound(b *testing.B, n, concurrency, prefetch int) (rawRate, warrenRate
 	}
 	c, err := consumer.New(cfg, consumer.Inbox)
 	require.NoError(b, err)
+	if file := os.Getenv("WARREN_BENCH_CPUPROFILE"); file != "" {
+		// The warren phase only (not the filling nor the raw consumer).
+		f, err := os.Create(file)
+		require.NoError(b, err)
+		require.NoError(b, pprof.StartCPUProfile(f))
+		defer func() {
+			pprof.StopCPUProfile()
+			_ = f.Close()
+		}()
+	}
 	cpu0 = cpuTime()
 	start = time.Now()
 	require.NoError(b, c.Start(ctx))

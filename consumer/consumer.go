@@ -585,10 +585,13 @@ func (c *Consumer) poisonedHook(kind string) {
 // exchange: the original properties, headers and body, with the failure
 // headers of the contract.
 func (c *Consumer) copyOf(d *Delivery, queue string, attempts int, cause error) *message.Message {
-	out := message.NewMessage(d.MessageID, d.Body)
-	for k, v := range d.msg.Metadata {
-		out.Metadata.Set(k, v)
+	// The original's properties and headers, as the publisher's marshaler
+	// publishes them again.
+	out, err := publisher.Marshaler{}.Unmarshal(*d.raw)
+	if err != nil { // only for the zero delivery, which is never handed out
+		out = message.NewMessage(d.MessageID, d.Body)
 	}
+	out.UUID, out.Payload = d.MessageID, d.Body
 	md := out.Metadata
 	md.Set(publisher.MetaRoutingKey, queue)
 	md.Set(publisher.HeaderAttempt, strconv.Itoa(attempts))

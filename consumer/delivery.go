@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/warrenmq/warren/inbox"
 	"github.com/warrenmq/warren/publisher"
@@ -28,8 +29,9 @@ type Delivery struct {
 	FirstFailedAt time.Time
 
 	binary bool
-	msg    *message.Message
-	trips  int // warren-attempt as carried by this copy
+	msg    *message.Message // the Router's message, nil outside the consumer
+	raw    *amqp.Delivery   // the delivery as received
+	trips  int              // warren-attempt as carried by this copy
 	// arrivedAt is when it entered the consumer's queue (AMQP timestamp,
 	// or x-death time when it came back from a retry queue); may be zero.
 	arrivedAt time.Time
@@ -49,14 +51,17 @@ const (
 	ReasonAutoAck     = "auto-ack"
 )
 
-// parse turns a Watermill message made by publisher.Marshaler into a
-// Delivery and returns the poison reason when the delivery cannot be
-// handled (malformed, too large).
+// parse turns a delivery handed out by the subscriber into a Delivery and
+// returns the poison reason when the delivery cannot be handled
+// (malformed, too large).
 func (c *Consumer) parse(msg *message.Message, now time.Time) (*Delivery, string) {
-	d := toDelivery(c.cfg.Consumer, msg, now)
+	raw := rawDelivery(msg)
+	id, malformed := publisher.Inspect(*raw)
+	d := toDelivery(c.cfg.Consumer, raw, id, now)
+	d.msg = msg
 	d.binary = c.cfg.Binary
-	if reason := msg.Metadata.Get(publisher.MetaMalformed); reason != "" {
-		return d, reason
+	if malformed != "" {
+		return d, malformed
 	}
 	if c.cfg.MaxBodyBytes >= 0 && len(d.Body) > c.cfg.MaxBodyBytes {
 		return d, ReasonTooLarge
@@ -67,46 +72,62 @@ func (c *Consumer) parse(msg *message.Message, now time.Time) (*Delivery, string
 	return d, ""
 }
 
-// toDelivery reads a Watermill message made by publisher.Marshaler.
-func toDelivery(consumer string, msg *message.Message, now time.Time) *Delivery {
-	md := msg.Metadata
+// rawDelivery returns the AMQP delivery behind a message the subscriber
+// handed out.
+func rawDelivery(msg *message.Message) *amqp.Delivery {
+	if h, ok := msg.Context().Value(handoutKey{}).(*handout); ok && h.raw != nil {
+		return h.raw
+	}
+	// Not the subscriber's (cannot happen): a delivery with the message's
+	// id and body, which parse finds malformed only if they are.
+	return &amqp.Delivery{MessageId: msg.UUID, Body: msg.Payload}
+}
+
+// toDelivery reads an AMQP delivery as publisher.Marshaler.Unmarshal
+// would, without the round trip through Watermill metadata strings: id
+// is the message id as publisher.Inspect made it valid; headers with the
+// reserved prefix are left out (Inspect reports them).
+func toDelivery(consumer string, raw *amqp.Delivery, id string, now time.Time) *Delivery {
 	d := &Delivery{
 		Delivery: inbox.Delivery{
 			Consumer:        consumer,
-			MessageID:       msg.UUID,
-			Producer:        md.Get(publisher.MetaAppID),
-			Exchange:        md.Get(publisher.MetaExchange),
-			RoutingKey:      md.Get(publisher.MetaRoutingKey),
-			EventType:       md.Get(publisher.MetaType),
-			ContentType:     md.Get(publisher.MetaContentType),
-			ContentEncoding: md.Get(publisher.MetaContentEncoding),
-			CorrelationID:   md.Get(publisher.MetaCorrelationID),
-			ReplyTo:         md.Get(publisher.MetaReplyTo),
-			Expiration:      md.Get(publisher.MetaExpiration),
-			UserID:          md.Get(publisher.MetaUserID),
-			Body:            msg.Payload,
+			MessageID:       id,
+			Producer:        raw.AppId,
+			Exchange:        raw.Exchange,
+			RoutingKey:      raw.RoutingKey,
+			EventType:       raw.Type,
+			ContentType:     raw.ContentType,
+			ContentEncoding: raw.ContentEncoding,
+			CorrelationID:   raw.CorrelationId,
+			ReplyTo:         raw.ReplyTo,
+			Expiration:      raw.Expiration,
+			UserID:          raw.UserId,
+			DeliveryMode:    raw.DeliveryMode,
+			Priority:        raw.Priority,
+			DeliveryTag:     raw.DeliveryTag,
+			Body:            raw.Body,
 			ReceivedAt:      now,
-			Redelivered:     md.Get(publisher.MetaRedelivered) == "true",
+			Redelivered:     raw.Redelivered,
 		},
-		msg: msg,
+		raw: raw,
 	}
-	d.DeliveryMode = uint8(atoi(md.Get(publisher.MetaDeliveryMode)))
-	d.Priority = uint8(atoi(md.Get(publisher.MetaPriority)))
-	d.DeliveryTag, _ = strconv.ParseUint(md.Get(publisher.MetaDeliveryTag), 10, 64)
-	if ts := md.Get(publisher.MetaTimestamp); ts != "" {
-		d.Timestamp, _ = time.Parse(time.RFC3339Nano, ts)
+	if !raw.Timestamp.IsZero() {
+		// AMQP timestamps have a resolution of one second.
+		d.Timestamp = raw.Timestamp.UTC().Truncate(time.Second)
 	}
-	headers := make(map[string]string, len(md))
-	for k, v := range md {
+	headers := make(map[string]string, len(raw.Headers))
+	for k, v := range raw.Headers {
 		if !strings.HasPrefix(k, publisher.MetaPrefix) {
-			headers[k] = v
+			headers[k] = publisher.HeaderString(v)
 		}
 	}
 	d.Headers = headers
 	d.AggregateType = headers[publisher.HeaderAggregateType]
 	d.AggregateID = headers[publisher.HeaderAggregateID]
-	if v, err := strconv.ParseInt(headers[publisher.HeaderAggregateVersion], 10, 64); err == nil {
-		d.AggregateVersion = &v
+	if s := headers[publisher.HeaderAggregateVersion]; s != "" {
+		if v, err := strconv.ParseInt(s, 10, 64); err == nil {
+			d.AggregateVersion = &v
+		}
 	}
 	// A retry or a redriven message comes back through the default
 	// exchange: report where it came from first.
@@ -114,8 +135,10 @@ func toDelivery(consumer string, msg *message.Message, now time.Time) *Delivery 
 		d.Exchange, d.RoutingKey = ex, headers[publisher.HeaderOriginalRouting]
 	}
 	d.trips = atoi(headers[publisher.HeaderAttempt])
-	if t, err := time.Parse(time.RFC3339Nano, headers[publisher.HeaderFirstFailedAt]); err == nil {
-		d.FirstFailedAt = t
+	if s := headers[publisher.HeaderFirstFailedAt]; s != "" {
+		if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+			d.FirstFailedAt = t
+		}
 	}
 	d.arrivedAt = d.Timestamp
 	if t := deathTime(headers[publisher.HeaderDeath]); !t.IsZero() {
@@ -160,6 +183,9 @@ func isJSON(contentType string) bool {
 }
 
 func atoi(s string) int {
+	if s == "" {
+		return 0
+	}
 	n, _ := strconv.Atoi(s)
 	return n
 }

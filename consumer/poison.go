@@ -77,8 +77,8 @@ func ListPoison(ctx context.Context, conn *amqp.Connection, consumer string, lim
 }
 
 func poisonMessage(consumer string, d amqp.Delivery) PoisonMessage {
-	msg, _ := publisher.Marshaler{}.Unmarshal(d) // never fails
-	del := toDelivery(consumer, msg, time.Now())
+	id, _ := publisher.Inspect(d)
+	del := toDelivery(consumer, &d, id, time.Now())
 	del.Redelivered = false
 	pm := PoisonMessage{
 		Delivery:      del.Delivery,

@@ -302,14 +302,16 @@ func (s *subscriber) consume(ctx context.Context, conn *amqp.Connection, out cha
 			s.finish(ch, tag, a)
 			return nil
 		}
-		msg, err := publisher.Marshaler{}.Unmarshal(d)
-		if err != nil {
-			// Only the zero delivery fails (publisher.ErrNoDelivery).
+		if d.Acknowledger == nil && d.DeliveryTag == 0 {
+			// The zero delivery (publisher.ErrNoDelivery) is not one.
 			<-s.slots
 			a.settle(d.DeliveryTag, false)
 			continue
 		}
-		h := &handout{tag: d.DeliveryTag, a: a, slots: s.slots}
+		// The consumer reads the delivery itself (parse): the message
+		// carries its id and body for the Router, and no metadata.
+		msg := message.NewMessage(d.MessageId, d.Body)
+		h := &handout{tag: d.DeliveryTag, a: a, slots: s.slots, raw: &d}
 		msg.SetContext(context.WithValue(ctx, handoutKey{}, h))
 		select {
 		case out <- msg:
@@ -339,6 +341,7 @@ func (s *subscriber) await(msg *message.Message, h *handout) {
 // Router's ack or nack, or earlier by the consumer (settleEarly) as soon
 // as the outcome is certain, and then frees its slot.
 type handout struct {
+	raw   *amqp.Delivery
 	tag   uint64
 	a     *acker
 	slots chan struct{}

@@ -183,24 +183,41 @@ func (Marshaler) Unmarshal(d amqp.Delivery) (*message.Message, error) {
 	md.Set(MetaDeliveryTag, strconv.FormatUint(d.DeliveryTag, 10))
 	md.Set(MetaRedelivered, strconv.FormatBool(d.Redelivered))
 
-	var malformed []string
-	if strings.TrimSpace(d.MessageId) == "" {
-		malformed = append(malformed, "no message_id")
-	} else if !utf8.ValidString(d.MessageId) {
-		malformed = append(malformed, "message_id is not UTF-8")
-		msg.UUID = strings.ToValidUTF8(d.MessageId, "\uFFFD")
-	}
+	id, malformed := Inspect(d)
+	msg.UUID = id
 	for k, v := range d.Headers {
-		if strings.HasPrefix(k, MetaPrefix) {
-			malformed = append(malformed, fmt.Sprintf("header %q uses the reserved prefix %q", k, MetaPrefix))
-			continue
+		if !strings.HasPrefix(k, MetaPrefix) {
+			md.Set(k, HeaderString(v))
 		}
-		md.Set(k, HeaderString(v))
 	}
-	if len(malformed) > 0 {
-		md.Set(MetaMalformed, "malformed: "+strings.Join(malformed, "; "))
+	if malformed != "" {
+		md.Set(MetaMalformed, malformed)
 	}
 	return msg, nil
+}
+
+// Inspect returns a delivery's message id, made valid UTF-8, and why the
+// delivery cannot be processed ("malformed: ..."), or "" when it can: no
+// message id, an id that is not UTF-8, or a header with the reserved
+// MetaPrefix. Unmarshal sets the reason as MetaMalformed.
+func Inspect(d amqp.Delivery) (id, malformed string) {
+	id = d.MessageId
+	var reasons []string
+	if strings.TrimSpace(d.MessageId) == "" {
+		reasons = append(reasons, "no message_id")
+	} else if !utf8.ValidString(d.MessageId) {
+		reasons = append(reasons, "message_id is not UTF-8")
+		id = strings.ToValidUTF8(d.MessageId, "\uFFFD")
+	}
+	for k := range d.Headers {
+		if strings.HasPrefix(k, MetaPrefix) {
+			reasons = append(reasons, fmt.Sprintf("header %q uses the reserved prefix %q", k, MetaPrefix))
+		}
+	}
+	if len(reasons) == 0 {
+		return id, ""
+	}
+	return id, "malformed: " + strings.Join(reasons, "; ")
 }
 
 // HeaderString renders an AMQP header value as the string warren keeps:
