@@ -2,6 +2,7 @@ package consumer_test
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"os"
 	"runtime/pprof"
@@ -28,6 +29,8 @@ import (
 // the figures are the medians. WARREN_BENCH_CONCURRENCY (default
 // DefaultConcurrency) and WARREN_BENCH_PREFETCH (default twice the
 // concurrency) set the consumer's; the raw consumer gets the same prefetch.
+// WARREN_BENCH_HANDLER=func runs an application's handler (a HandlerFunc
+// that writes nothing) instead of the audit-only Inbox.
 // WARREN_BENCH_CPUPROFILE names a file for a CPU profile of the warren
 // phase alone (the last round's).
 //
@@ -117,7 +120,13 @@ func benchRound(b *testing.B, n, concurrency, prefetch int) (rawRate, warrenRate
 			close(finished)
 		}
 	}
-	c, err := consumer.New(cfg, consumer.Inbox)
+	var handler consumer.Handler = consumer.Inbox
+	if os.Getenv("WARREN_BENCH_HANDLER") == "func" {
+		// An application's handler that writes nothing: the delivery
+		// runs under a savepoint of its own.
+		handler = consumer.HandlerFunc(func(context.Context, *sql.Tx, *consumer.Delivery) error { return nil })
+	}
+	c, err := consumer.New(cfg, handler)
 	require.NoError(b, err)
 	if file := os.Getenv("WARREN_BENCH_CPUPROFILE"); file != "" {
 		// The warren phase only (not the filling nor the raw consumer).

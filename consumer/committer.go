@@ -82,7 +82,9 @@ type committer struct {
 
 	jobs  chan *job
 	stmts stmtCache
-	done  chan struct{}
+	// writer holds the connection the batches run on, one at a time.
+	writer *wsql.Writer
+	done   chan struct{}
 	// commitTime is a moving average of the commit time (nanoseconds).
 	commitTime atomic.Int64
 }
@@ -90,9 +92,10 @@ type committer struct {
 func newCommitter(base context.Context, db *dbsql.DB, h Handler, timeout time.Duration, maxBatch int, log *slog.Logger) *committer {
 	return &committer{
 		db: db, handler: h, timeout: timeout, maxBatch: maxBatch, log: log, base: base,
-		jobs:  make(chan *job, maxBatch),
-		stmts: stmtCache{db: db, m: map[string]*dbsql.Stmt{}},
-		done:  make(chan struct{}),
+		jobs:   make(chan *job, maxBatch),
+		stmts:  stmtCache{db: db, m: map[string]*dbsql.Stmt{}},
+		writer: wsql.NewWriter(db),
+		done:   make(chan struct{}),
 	}
 }
 
@@ -107,6 +110,7 @@ func (c *committer) submit(j *job) jobResult {
 func (c *committer) close() {
 	close(c.jobs)
 	<-c.done
+	c.writer.Close()
 	c.stmts.close()
 }
 
@@ -218,14 +222,12 @@ func (c *committer) run(batch []*job) (rest []*job, alive bool) {
 	ctx := context.WithoutCancel(c.base)
 	// The inbox often lives in the application's database: wait for the
 	// write lock in a way that a busy application cannot starve.
-	tx, done, err := wsql.BeginWrite(ctx, c.db, wsql.DefaultBusyTimeout)
+	tx, err := c.writer.Begin(ctx, wsql.DefaultBusyTimeout)
 	if err != nil {
 		c.failAll(batch, fmt.Errorf("inbox: begin: %w", err))
 		return nil, true
 	}
-	end := sync.OnceFunc(done) // by this goroutine, or by the watchdog
-	defer end()
-	w := &watchdog{c: c, batch: batch, tx: tx, end: end, job: -1}
+	w := &watchdog{c: c, batch: batch, tx: tx, job: -1}
 	defer w.close()
 	x := &txExec{tx: tx, cache: &c.stmts}
 	results := make([]jobResult, len(batch))
@@ -279,7 +281,6 @@ type watchdog struct {
 	c     *committer
 	batch []*job
 	tx    *dbsql.Tx
-	end   func() // gives the connection back
 	timer *time.Timer
 
 	mu        sync.Mutex
@@ -333,8 +334,7 @@ func (w *watchdog) fire() {
 	c, j := w.c, w.batch[i]
 	c.log.Error("handler ignored its deadline; abandoning it and running the rest of its batch again",
 		"message_id", j.d.MessageID, "handler_timeout", c.timeout)
-	_ = w.tx.Rollback()
-	w.end()
+	_ = w.tx.Rollback() // the committer's connection is free again
 	j.done <- jobResult{outcome: outcomeFailed, took: c.timeout + abandonGrace, abandoned: true,
 		err: fmt.Errorf("handler did not return within the handler timeout %s (it ignores its context)", c.timeout)}
 	rest := make([]*job, 0, len(w.batch)-1)

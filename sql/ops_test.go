@@ -4,6 +4,7 @@ import (
 	"context"
 	dbsql "database/sql"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -251,4 +252,75 @@ func TestWriteTxNoSync(t *testing.T) {
 	var n int
 	require.NoError(t, other.QueryRow(`SELECT count(*) FROM t`).Scan(&n))
 	require.Equal(t, 1, n)
+}
+
+// A Writer keeps one connection with the busy timeout 0 for its
+// transactions, finds the gaps of another writer as WriteTx does, gives up
+// after the wait, and hands the connection back as it found it.
+func TestWriterKeepsOneConnectionForItsTransactions(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "app.db")
+	db, err := wsql.Open(ctx, path, wsql.Options{})
+	require.NoError(t, err)
+	defer db.Close()
+	db.SetMaxOpenConns(2)
+	_, err = db.Exec(`CREATE TABLE t (who TEXT)`)
+	require.NoError(t, err)
+	app, err := wsql.Open(ctx, path, wsql.Options{})
+	require.NoError(t, err)
+	defer app.Close()
+
+	w := wsql.NewWriter(db)
+	for i := range 3 {
+		tx, err := w.Begin(ctx, time.Second)
+		require.NoError(t, err)
+		var busy int
+		require.NoError(t, tx.QueryRow(`PRAGMA busy_timeout`).Scan(&busy))
+		require.Zero(t, busy, "the Writer's connection polls for the lock itself")
+		_, err = tx.Exec(`INSERT INTO t VALUES (?)`, fmt.Sprint("writer ", i))
+		require.NoError(t, err)
+		require.NoError(t, tx.Commit())
+	}
+	require.Equal(t, 1, db.Stats().InUse, "one connection, held between transactions")
+
+	// Another writer holds the lock for 50 ms: Begin waits for it.
+	held, err := app.BeginTx(ctx, nil)
+	require.NoError(t, err)
+	_, err = held.Exec(`INSERT INTO t VALUES ('app')`)
+	require.NoError(t, err)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		_ = held.Commit()
+	}()
+	start := time.Now()
+	tx, err := w.Begin(ctx, 5*time.Second)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, time.Since(start), 40*time.Millisecond)
+	require.NoError(t, tx.Rollback())
+
+	// Held throughout: Begin gives up after the wait.
+	held, err = app.BeginTx(ctx, nil)
+	require.NoError(t, err)
+	defer func() { _ = held.Rollback() }()
+	_, err = w.Begin(ctx, 100*time.Millisecond)
+	require.Error(t, err)
+	require.True(t, wsql.IsBusy(err), "%v", err)
+	require.Contains(t, err.Error(), "write lock")
+	require.NoError(t, held.Rollback())
+
+	w.Close()
+	require.Zero(t, db.Stats().InUse, "the connection is back in the pool")
+	var busy int
+	require.NoError(t, db.QueryRow(`PRAGMA busy_timeout`).Scan(&busy))
+	require.Equal(t, int(wsql.DefaultBusyTimeout.Milliseconds()), busy, "busy timeout restored")
+	var n int
+	require.NoError(t, db.QueryRow(`SELECT count(*) FROM t WHERE who LIKE 'writer %'`).Scan(&n))
+	require.Equal(t, 3, n)
+
+	// A Begin after Close takes a connection again.
+	tx, err = w.Begin(ctx, time.Second)
+	require.NoError(t, err)
+	require.NoError(t, tx.Rollback())
+	w.Close()
 }
