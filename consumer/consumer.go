@@ -300,8 +300,13 @@ func (c *Consumer) Err() error {
 
 // handle is the Router's handler for one delivery. It returns nil to ack
 // and an error to nack with requeue, which it does only when the failure
-// path could not publish (broker trouble) or on abort.
+// path could not publish (broker trouble) or on abort. It settles the
+// delivery itself, as it returns (unless the committer settled it
+// before), rather than leaving that to a goroutine per delivery waiting
+// for the Router's ack: the Router calls handle for every message the
+// subscriber hands out and acks exactly when handle returns nil.
 func (c *Consumer) handle(msg *message.Message) (err error) {
+	defer func() { settle(msg, err == nil) }() // last, after the recover below
 	c.handlers.Add(1)
 	defer c.handlers.Done()
 	c.track(1)
@@ -318,7 +323,7 @@ func (c *Consumer) handle(msg *message.Message) (err error) {
 	if c.autoAckCh != nil {
 		c.autoAckCh <- struct{}{}
 		defer func() { <-c.autoAckCh }()
-		msg.Ack()
+		settle(msg, true)
 	}
 	d, reason := c.parse(msg, time.Now())
 	if reason != "" {
@@ -335,44 +340,26 @@ func (c *Consumer) track(delta int64) {
 }
 
 // deliver runs the handler and the failure path for a well-formed delivery.
+// The common case (a first delivery whose handler succeeds) stays in this
+// function and run; the rest is in functions of their own, which keeps
+// the stack of the Router's goroutine for each delivery small (a stack
+// that outgrows its start is copied, once per delivery).
 func (c *Consumer) deliver(d *Delivery) error {
-	ctx := c.base
 	prior := d.trips // runs made before this copy was published
 	redelivered := d.redelivered()
 	if redelivered {
-		// An earlier delivery of this copy ended without an ack: a crash,
-		// a lost connection, a stop, or a failure whose retry could not be
-		// published. Count the runs the inbox saw start or fail; a
-		// delivery that was only prefetched does not count (nor a first
-		// run that killed the process, which nothing recorded: a message
-		// that kills the process every time is poisoned one crash later).
-		st, found, err := inbox.Lookup(ctx, c.cfg.DB, d.Consumer, d.MessageID)
-		if err != nil {
-			return c.requeue(err)
+		var err error
+		var done bool
+		if prior, done, err = c.redelivery(d, prior); done {
+			return err
 		}
-		if found && st.Status == inbox.StatusProcessed {
-			return c.duplicate(d)
-		}
-		prior = max(prior, st.LastAttempt)
 	}
-	if prior >= c.cfg.MaxAttempts {
-		var last error
-		if redelivered && prior > d.trips {
-			last = fmt.Errorf("the last %d runs never finished or their retry was not published (does the handler crash the process?)", prior-d.trips)
-		} else if h := d.Headers[publisher.HeaderError]; h != "" {
-			last = errors.New(h)
-		}
-		return c.poison(d, ReasonMaxAttempts, prior, last, false)
-	}
-	if c.cfg.Expiration > 0 && !d.arrivedAt.IsZero() && time.Since(d.arrivedAt) > c.cfg.Expiration {
-		return c.poison(d, ReasonExpired, prior, fmt.Errorf("waited %s in queue %s, longer than the expiration %s",
-			time.Since(d.arrivedAt).Round(time.Second), publisher.QueueName(c.cfg.Consumer), c.cfg.Expiration), false)
+	if done, err := c.refuse(d, prior, redelivered); done {
+		return err
 	}
 	d.Attempt = prior + 1
 	if redelivered && !c.cfg.AutoAck {
-		if err := c.record(d, func(ctx context.Context, e inbox.Execer) error {
-			return inbox.RecordStarted(ctx, e, &d.Delivery, d.Attempt)
-		}); err != nil {
+		if err := c.recordStarted(d); err != nil {
 			return c.requeue(err)
 		}
 	}
@@ -381,17 +368,11 @@ func (c *Consumer) deliver(d *Delivery) error {
 		// once the poison queue confirmed the copy (until then a
 		// redelivery must still count this run).
 		failStatus := inbox.StatusRetrying
-		lastTry := d.Attempt >= c.cfg.MaxAttempts
 		dropping := c.cfg.AutoAck && immediate >= c.cfg.immediateRetries()
 		if dropping {
 			failStatus = inbox.StatusPoisoned
 		}
 		res := c.run(d, failStatus)
-		if res.abandoned {
-			// The abandoned handler may still read d: go on with a copy.
-			cp := *d
-			d = &cp
-		}
 		switch res.outcome {
 		case outcomeOK:
 			return nil
@@ -401,33 +382,94 @@ func (c *Consumer) deliver(d *Delivery) error {
 			}
 			return nil
 		}
-		if c.aborting.Load() {
-			return c.requeue(res.err)
+		var again bool
+		var err error
+		if d, again, err = c.failed(d, &res, immediate, dropping, failStatus); !again {
+			return err
 		}
-		if !res.recorded {
-			if err := c.record(d, func(ctx context.Context, e inbox.Execer) error {
-				return inbox.RecordFailure(ctx, e, &d.Delivery, d.Attempt, res.err, failStatus)
-			}); err != nil {
-				c.log.Error("cannot record a failed attempt", "message_id", d.MessageID, "error", err)
-			}
-		}
-		if d.FirstFailedAt.IsZero() {
-			d.FirstFailedAt = time.Now()
-		}
-		switch {
-		case dropping:
-			c.log.Error("handler failed; the delivery is dropped (auto_ack)", "message_id", d.MessageID, "attempt", d.Attempt, "error", res.err)
-			c.poisonedHook(ReasonAutoAck)
-			return nil
-		case lastTry:
-			return c.poison(d, ReasonMaxAttempts, d.Attempt, res.err, false)
-		case immediate < c.cfg.immediateRetries():
-			c.log.Debug("handler failed; retrying at once", "message_id", d.MessageID, "attempt", d.Attempt, "error", res.err)
-			d.Attempt++
-			continue
-		}
-		return c.retry(d, res.err)
 	}
+}
+
+// redelivery looks up a redelivered copy in the inbox. An earlier delivery
+// of this copy ended without an ack: a crash, a lost connection, a stop,
+// or a failure whose retry could not be published. It counts the runs the
+// inbox saw start or fail; a delivery that was only prefetched does not
+// count (nor a first run that killed the process, which nothing recorded:
+// a message that kills the process every time is poisoned one crash
+// later). done: the delivery is settled with err (a duplicate, or a
+// requeue).
+func (c *Consumer) redelivery(d *Delivery, prior int) (runs int, done bool, err error) {
+	st, found, err := inbox.Lookup(c.base, c.cfg.DB, d.Consumer, d.MessageID)
+	if err != nil {
+		return 0, true, c.requeue(err)
+	}
+	if found && st.Status == inbox.StatusProcessed {
+		return 0, true, c.duplicate(d)
+	}
+	return max(prior, st.LastAttempt), false, nil
+}
+
+// refuse parks a delivery out of attempts, or expired, in the poison
+// queue; done says it did.
+func (c *Consumer) refuse(d *Delivery, prior int, redelivered bool) (done bool, err error) {
+	if prior >= c.cfg.MaxAttempts {
+		var last error
+		if redelivered && prior > d.trips {
+			last = fmt.Errorf("the last %d runs never finished or their retry was not published (does the handler crash the process?)", prior-d.trips)
+		} else if h := d.Headers[publisher.HeaderError]; h != "" {
+			last = errors.New(h)
+		}
+		return true, c.poison(d, ReasonMaxAttempts, prior, last, false)
+	}
+	if c.cfg.Expiration > 0 && !d.arrivedAt.IsZero() && time.Since(d.arrivedAt) > c.cfg.Expiration {
+		return true, c.poison(d, ReasonExpired, prior, fmt.Errorf("waited %s in queue %s, longer than the expiration %s",
+			time.Since(d.arrivedAt).Round(time.Second), publisher.QueueName(c.cfg.Consumer), c.cfg.Expiration), false)
+	}
+	return false, nil
+}
+
+func (c *Consumer) recordStarted(d *Delivery) error {
+	return c.record(d, func(ctx context.Context, e inbox.Execer) error {
+		return inbox.RecordStarted(ctx, e, &d.Delivery, d.Attempt)
+	})
+}
+
+// failed takes a failed handler run on: it records the failure (unless
+// the committer did), then drops the delivery (auto_ack), parks it in the
+// poison queue (last attempt), sends it to a retry queue, or asks for an
+// immediate retry (again, with the Delivery to run: a copy when the
+// handler was abandoned and may still read the first).
+func (c *Consumer) failed(d *Delivery, res *jobResult, immediate int, dropping bool, failStatus inbox.Status) (next *Delivery, again bool, err error) {
+	if res.abandoned {
+		cp := *d
+		d = &cp
+	}
+	if c.aborting.Load() {
+		return d, false, c.requeue(res.err)
+	}
+	if !res.recorded {
+		if err := c.record(d, func(ctx context.Context, e inbox.Execer) error {
+			return inbox.RecordFailure(ctx, e, &d.Delivery, d.Attempt, res.err, failStatus)
+		}); err != nil {
+			c.log.Error("cannot record a failed attempt", "message_id", d.MessageID, "error", err)
+		}
+	}
+	if d.FirstFailedAt.IsZero() {
+		d.FirstFailedAt = time.Now()
+	}
+	switch {
+	case dropping:
+		c.log.Error("handler failed; the delivery is dropped (auto_ack)", "message_id", d.MessageID, "attempt", d.Attempt, "error", res.err)
+		c.poisonedHook(ReasonAutoAck)
+		return d, false, nil
+	case d.Attempt >= c.cfg.MaxAttempts:
+		return d, false, c.poison(d, ReasonMaxAttempts, d.Attempt, res.err, false)
+	case immediate < c.cfg.immediateRetries():
+		c.log.Debug("handler failed; retrying at once", "message_id", d.MessageID, "attempt", d.Attempt, "error", res.err)
+		d.Attempt++
+		return d, true, nil
+	}
+	return d, false, c.retry(d, res.err)
 }
 
 // run makes one handler run: Prepare outside the transaction when the

@@ -36,10 +36,10 @@ func TestToDeliveryReadsWhatTheMarshalerUnmarshals(t *testing.T) {
 			Expiration: "60000", ContentEncoding: "gzip", DeliveryTag: 99,
 			Headers: amqp.Table{
 				publisher.HeaderAttempt: int32(3), publisher.HeaderError: "boom",
-				publisher.HeaderFirstFailedAt: "2026-12-01T10:00:00.123456789Z",
+				publisher.HeaderFirstFailedAt:    "2026-12-01T10:00:00.123456789Z",
 				publisher.HeaderOriginalExchange: "crm.events", publisher.HeaderOriginalRouting: "company.created",
 				publisher.HeaderDeath: []any{amqp.Table{"count": int64(1), "time": ts, "queue": "billing.retry.1s"}},
-				"x-delivery-count": int64(1), "flag": true, "bytes": []byte{1, 2, 3}, "ratio": 0.5,
+				"x-delivery-count":    int64(1), "flag": true, "bytes": []byte{1, 2, 3}, "ratio": 0.5,
 			},
 		},
 		"malformed: no id, a reserved header, a bad version": {

@@ -320,26 +320,13 @@ func (s *subscriber) consume(ctx context.Context, conn *amqp.Connection, out cha
 			s.finish(ch, tag, a)
 			return nil
 		}
-		go s.await(msg, h)
 	}
 }
 
-// await settles one delivery when the Router acks or nacks its message,
-// unless the consumer settled it before (settleEarly).
-func (s *subscriber) await(msg *message.Message, h *handout) {
-	select {
-	case <-msg.Acked():
-		h.settle(true)
-	case <-msg.Nacked():
-		h.settle(false)
-	case <-s.kill:
-		h.release()
-	}
-}
-
-// handout is a delivery handed to the Router. It is settled once: by the
-// Router's ack or nack, or earlier by the consumer (settleEarly) as soon
-// as the outcome is certain, and then frees its slot.
+// handout is a delivery handed to the Router. It is settled once, by the
+// consumer's handler as it returns (settle) or earlier, by the committer
+// (settleEarly) as soon as the outcome is certain, and then frees its
+// slot.
 type handout struct {
 	raw   *amqp.Delivery
 	tag   uint64
@@ -358,21 +345,18 @@ func (h *handout) settle(ok bool) {
 	}
 }
 
-// release frees the slot without settling (the connection is cut).
-func (h *handout) release() {
-	if h.done.CompareAndSwap(false, true) {
-		<-h.slots
-	}
-}
-
 // settleEarly acks msg's delivery now, before its handler returns to the
 // Router: the inbox transaction that holds it committed, and the Router
 // will ack it. The committer calls it right after the commit, for every
 // delivery of the batch at once, so that their acks go out as one frame
 // and the next deliveries come while the handler goroutines unwind.
-func settleEarly(msg *message.Message) {
-	if h, ok := msg.Context().Value(handoutKey{}).(*handout); ok {
-		h.settle(true)
+func settleEarly(msg *message.Message) { settle(msg, true) }
+
+// settle acks (ok) or nacks (with requeue) msg's delivery, unless it was
+// settled before.
+func settle(msg *message.Message, ok bool) {
+	if h, found := msg.Context().Value(handoutKey{}).(*handout); found {
+		h.settle(ok)
 	}
 }
 
