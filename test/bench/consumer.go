@@ -52,8 +52,11 @@ func (b *bench) deleteConsumerQueues(cfg consumer.Config) func() {
 
 // consume is figure 3: the consumer turning n queued messages into
 // processed inbox rows, and raw consume-and-ack of n messages on one
-// channel with the same prefetch.
-func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) {
+// channel with the same prefetch. With rawFirst the raw baseline runs
+// first: the rounds of --repeat alternate the order, so that neither side
+// always runs while the broker still cleans up after the other (the
+// deleted queue of the one before).
+func (b *bench) consume(ctx context.Context, n int, rawFirst bool) (rate, rate, string, error) {
 	producer, err := b.producer(ctx)
 	if err != nil {
 		return rate{}, rate{}, "", err
@@ -63,22 +66,49 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 		return rate{}, rate{}, "", err
 	}
 	k := b.seq.Add(1)
-	db, path, err := b.newDB(ctx, fmt.Sprintf("consumer-%d", k))
-	if err != nil {
+	cfg := b.consumerConfig(b.name(fmt.Sprintf("c%d", k)), producer, nil)
+	setup := fmt.Sprintf("1 channel, prefetch %d, %d handlers", cfg.Prefetch, cfg.Concurrency)
+	var cr, rr rate
+	warren := func() (err error) {
+		cr, err = b.consumeWarren(ctx, cfg, producer, msgs, setup)
+		return err
+	}
+	raw := func() (err error) {
+		rr, err = b.consumeRaw(ctx, k, producer, msgs, cfg.Prefetch, setup)
+		return err
+	}
+	first, second := warren, raw
+	if rawFirst {
+		first, second = raw, warren
+	}
+	if err := first(); err != nil {
 		return rate{}, rate{}, "", err
+	}
+	if err := second(); err != nil {
+		return rate{}, rate{}, "", err
+	}
+	return cr, rr, setup, nil
+}
+
+// consumeWarren drains n queued messages with warren's consumer (cfg, on
+// a database of its own) and deletes its queues.
+func (b *bench) consumeWarren(ctx context.Context, cfg consumer.Config, producer string, msgs []amqp.Publishing, setup string) (rate, error) {
+	n := len(msgs)
+	db, path, err := b.newDB(ctx, cfg.Consumer)
+	if err != nil {
+		return rate{}, err
 	}
 	defer removeDB(path)
 	defer db.Close()
-	cfg := b.consumerConfig(b.name(fmt.Sprintf("c%d", k)), producer, db)
-	setup := fmt.Sprintf("1 channel, prefetch %d, %d handlers", cfg.Prefetch, cfg.Concurrency)
+	cfg.DB = db
 	del := b.deleteConsumerQueues(cfg)
 	defer del()
 	if err := consumer.DeclareTopology(ctx, b.conn, cfg); err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 	queue := publisher.QueueName(cfg.Consumer)
 	if err := b.fillQueue(ctx, producer, queue, msgs); err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 
 	var handled atomic.Int64
@@ -87,21 +117,21 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 		return nil
 	}))
 	if err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 	bar := newBar(n, "3 consumer: queue to inbox")
 	stopBar := follow(bar, &handled)
 	stopProfile, err := b.cpuProfile("consumer-cpu.pprof")
 	if err != nil {
 		stopBar()
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 	m := b.meter(0)
 	start := time.Now()
 	if err := c.Start(ctx); err != nil {
 		stopBar()
 		stopProfile()
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 	end, err := waitInbox(ctx, db, cfg.Consumer, n, &handled, c.Stopped(), 10*time.Minute)
 	cpu := m.stop()
@@ -111,29 +141,35 @@ func (b *bench) consume(ctx context.Context, n int) (rate, rate, string, error) 
 		err = serr
 	}
 	if err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 	cr := rate{N: n, Took: end.Sub(start), CPU: cpu}
 	b.logf("figure 3: consumer turned %d queued messages into inbox rows in %s: %.0f msgs/s (%s; %s)", n, cr.Took.Round(time.Millisecond), cr.PerSec(), setup, cpu)
 	del() // nothing else may receive the raw baseline's messages
+	return cr, nil
+}
 
+// consumeRaw drains n queued messages with raw amqp091-go consume-and-ack
+// (one channel, prefetch) from a quorum queue of its own, then deletes it.
+func (b *bench) consumeRaw(ctx context.Context, k int64, producer string, msgs []amqp.Publishing, prefetch int, setup string) (rate, error) {
+	n := len(msgs)
 	raw := b.name(fmt.Sprintf("raw-%d", k))
 	delRaw, err := b.quorumQueue(raw, publisher.ExchangeName(producer))
 	if err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
-	defer delRaw()
+	defer delRaw() // nothing else may receive the consumer's messages
 	if err := b.fillQueue(ctx, producer, raw, msgs); err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
-	m = b.meter(0)
-	took, err := rawConsume(ctx, b.o.url, raw, n, 1, cfg.Prefetch, newBar(n, "3 raw consume-and-ack"))
+	m := b.meter(0)
+	took, err := rawConsume(ctx, b.o.url, raw, n, 1, prefetch, newBar(n, "3 raw consume-and-ack"))
 	if err != nil {
-		return rate{}, rate{}, "", err
+		return rate{}, err
 	}
 	rr := rate{N: n, Took: took, CPU: m.stop()}
 	b.logf("figure 3: raw consume-and-ack of %d messages in %s: %.0f msgs/s (%s; %s)", n, took.Round(time.Millisecond), rr.PerSec(), setup, rr.CPU)
-	return cr, rr, setup, nil
+	return rr, nil
 }
 
 // cpuProfile starts a CPU profile of this process into name in the

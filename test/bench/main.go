@@ -106,7 +106,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "smaller sizes, finishes in under two minutes")
 	flag.StringVar(&only, "only", "", "run only these figures, e.g. 1,2,5 (ratios need the figures they compare)")
 	flag.StringVar(&o.profile, "profile", "", "also drain the figure 2 backlog once with the relay in process and write its CPU and heap profiles and execution trace to this folder, and profile the consumer of figure 3")
-	flag.IntVar(&o.repeat, "repeat", 1, "measure the limit and the relay drain, and the consumer and raw consume-and-ack, this many times in turn; the median ratio counts")
+	flag.IntVar(&o.repeat, "repeat", 1, "measure the limit and the relay drain, and the consumer and raw consume-and-ack, this many times, each pair in turn first; the median ratio counts")
 	flag.BoolVar(&o.verbose, "verbose", false, "print the relay's log lines and the end-to-end latencies over time")
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: go run ./test/bench [--quick] [--only 1,2,5] [--repeat N] [--profile DIR] [--verbose]\n\n")
@@ -183,25 +183,45 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	b.logf("warren bench, %s mode, run %s: broker %s (RabbitMQ %s), %d CPUs", mode, b.id, redact(o.url), b.machine.RabbitMQ, b.machine.CPUs)
 
-	// The limit and the relay drain side by side, --repeat times in turn.
+	// The limit and the relay drain side by side, --repeat times, in turn
+	// first (so that neither always runs while the broker still deletes
+	// the other's queue).
 	for i := 0; i < o.repeat && (o.runs(1) || o.runs(2)); i++ {
 		round := ""
 		if o.repeat > 1 {
 			round = fmt.Sprintf(" (%d/%d)", i+1, o.repeat)
 		}
-		if o.runs(1) {
+		limit := func() error {
+			if !o.runs(1) {
+				return nil
+			}
 			l, err := b.limit(ctx, o.sizes.Limit, round)
 			if err != nil {
 				return fmt.Errorf("figure 1 (the limit): %w", err)
 			}
 			r.limits = append(r.limits, l)
+			return nil
 		}
-		if o.runs(2) {
+		drain := func() error {
+			if !o.runs(2) {
+				return nil
+			}
 			d, err := b.relayDrain(ctx, o.sizes.Drain, "2 relay drain"+round, 0)
 			if err != nil {
 				return fmt.Errorf("figure 2 (relay drain): %w", err)
 			}
 			r.drains = append(r.drains, d)
+			return nil
+		}
+		first, second := limit, drain
+		if i%2 == 1 {
+			first, second = drain, limit
+		}
+		if err := first(); err != nil {
+			return err
+		}
+		if err := second(); err != nil {
+			return err
 		}
 	}
 	r.pickMedian()
@@ -214,11 +234,12 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	if o.runs(3) {
 		// The consumer and raw consume-and-ack side by side, --repeat
-		// times; the round with the median ratio is reported.
+		// times, in turn first; the round with the median ratio is
+		// reported.
 		type pair struct{ c, raw rate }
 		var pairs []pair
-		for range o.repeat {
-			c, raw, cfg, err := b.consume(ctx, o.sizes.Consume)
+		for round := range o.repeat {
+			c, raw, cfg, err := b.consume(ctx, o.sizes.Consume, round%2 == 1)
 			if err != nil {
 				return fmt.Errorf("figure 3 (consumer): %w", err)
 			}
@@ -230,7 +251,8 @@ func run(ctx context.Context, o options) (err error) {
 		slices.SortFunc(sorted, func(a, b pair) int {
 			return cmp.Compare(a.c.PerSec()/a.raw.PerSec(), b.c.PerSec()/b.raw.PerSec())
 		})
-		r.consumer, r.rawConsume = sorted[len(sorted)/2].c, sorted[len(sorted)/2].raw
+		mid := (len(sorted) - 1) / 2 // the lower middle of an even count
+		r.consumer, r.rawConsume = sorted[mid].c, sorted[mid].raw
 	}
 	if o.runs(4) {
 		if r.floor, err = b.brokerFloor(ctx, o.sizes.E2ERate, o.sizes.E2EDuration); err != nil {

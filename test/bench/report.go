@@ -52,7 +52,7 @@ func (r *results) pickMedian() {
 		}
 	}
 	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(key[a], key[b]) })
-	m := idx[n/2]
+	m := idx[(n-1)/2] // the lower middle of an even count
 	if len(r.limits) == n {
 		r.limit = r.limits[m]
 	}
