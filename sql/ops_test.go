@@ -16,22 +16,31 @@ import (
 	wsql "github.com/warrenmq/warren/sql"
 )
 
+// openTable opens a new database file with warren's pragmas, with at most
+// conns connections and one table t of the given columns, and returns it
+// and the file's path.
+func openTable(t *testing.T, conns int, columns string) (*dbsql.DB, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "app.db")
+	db, err := wsql.Open(context.Background(), path, wsql.Options{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = db.Close() })
+	db.SetMaxOpenConns(conns)
+	_, err = db.Exec(`CREATE TABLE t (` + columns + `)`)
+	require.NoError(t, err)
+	return db, path
+}
+
 func TestProbeWrite(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "app.db")
-	db, err := wsql.Open(ctx, path, wsql.Options{})
-	require.NoError(t, err)
-	defer db.Close()
-	db.SetMaxOpenConns(1) // the probe must hand back the one connection as it found it
-	_, err = db.Exec(`CREATE TABLE t (n INTEGER)`)
-	require.NoError(t, err)
+	db, path := openTable(t, 1, `n INTEGER`) // the probe must hand back the one connection as it found it
 
 	require.NoError(t, wsql.ProbeWrite(ctx, db, 100*time.Millisecond))
 	var busy int
 	require.NoError(t, db.QueryRow(`PRAGMA busy_timeout`).Scan(&busy))
 	require.Equal(t, int(wsql.DefaultBusyTimeout.Milliseconds()), busy, "busy timeout restored")
-	_, err = db.Exec(`INSERT INTO t VALUES (1)`)
+	_, err := db.Exec(`INSERT INTO t VALUES (1)`)
 	require.NoError(t, err, "no transaction left open")
 
 	// Another process holds the write lock: the probe waits as long as it
@@ -121,13 +130,7 @@ func TestPruneBatchesLeavesTheLockToOthers(t *testing.T) {
 func TestWriteTxFindsTheGapsOfABusyWriter(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "app.db")
-	db, err := wsql.Open(ctx, path, wsql.Options{})
-	require.NoError(t, err)
-	defer db.Close()
-	db.SetMaxOpenConns(1) // WriteTx must hand back the one connection as it found it
-	_, err = db.Exec(`CREATE TABLE t (who TEXT)`)
-	require.NoError(t, err)
+	db, path := openTable(t, 1, `who TEXT`) // WriteTx must hand back the one connection as it found it
 
 	app, err := wsql.Open(ctx, path, wsql.Options{})
 	require.NoError(t, err)
@@ -211,13 +214,7 @@ func TestWriteTxFindsTheGapsOfABusyWriter(t *testing.T) {
 func TestWriteTxNoSync(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "app.db")
-	db, err := wsql.Open(ctx, path, wsql.Options{})
-	require.NoError(t, err)
-	defer db.Close()
-	db.SetMaxOpenConns(1)
-	_, err = db.Exec(`CREATE TABLE t (n INTEGER)`)
-	require.NoError(t, err)
+	db, path := openTable(t, 1, `n INTEGER`)
 
 	var during, after, busy int
 	require.NoError(t, wsql.WriteTxNoSync(ctx, db, time.Second, func(tx *dbsql.Tx) error {
@@ -235,7 +232,7 @@ func TestWriteTxNoSync(t *testing.T) {
 
 	// A failing fn rolls back and restores the level too.
 	boom := errors.New("boom")
-	err = wsql.WriteTxNoSync(ctx, db, time.Second, func(tx *dbsql.Tx) error {
+	err := wsql.WriteTxNoSync(ctx, db, time.Second, func(tx *dbsql.Tx) error {
 		if _, err := tx.Exec(`INSERT INTO t VALUES (2)`); err != nil {
 			return err
 		}
@@ -260,13 +257,7 @@ func TestWriteTxNoSync(t *testing.T) {
 func TestWriterKeepsOneConnectionForItsTransactions(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "app.db")
-	db, err := wsql.Open(ctx, path, wsql.Options{})
-	require.NoError(t, err)
-	defer db.Close()
-	db.SetMaxOpenConns(2)
-	_, err = db.Exec(`CREATE TABLE t (who TEXT)`)
-	require.NoError(t, err)
+	db, path := openTable(t, 2, `who TEXT`)
 	app, err := wsql.Open(ctx, path, wsql.Options{})
 	require.NoError(t, err)
 	defer app.Close()
