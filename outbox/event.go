@@ -182,10 +182,10 @@ func validateHeader(k, v string) error {
 
 // ParseHeaders decodes the headers column: a JSON object whose values are all
 // strings. Anything else (numbers, nesting, not JSON) is an error that says
-// what is wrong.
+// what is wrong. No headers ("{}" or nothing) give a nil map.
 func ParseHeaders(raw string) (map[string]string, error) {
 	if raw == "{}" || strings.TrimSpace(raw) == "" {
-		return map[string]string{}, nil // most rows: no JSON to decode
+		return nil, nil // most rows: no JSON to decode, no map to make
 	}
 	var generic map[string]json.RawMessage
 	if err := json.Unmarshal([]byte(raw), &generic); err != nil {

@@ -145,7 +145,7 @@ func TestRowsInsertedByPlainSQL(t *testing.T) {
 	require.Len(t, rows, 4)
 	require.NoError(t, rows[0].Err)
 	require.Equal(t, "application/json", rows[0].ContentType)
-	require.Equal(t, map[string]string{}, rows[0].Headers)
+	require.Empty(t, rows[0].Headers, "the default headers {} are none")
 	require.Equal(t, `{"n":1}`, string(rows[0].Payload))
 	require.False(t, rows[0].CreatedAt.IsZero())
 

@@ -641,61 +641,82 @@ func TestInvalidMessageIsRefusedBeforeSending(t *testing.T) {
 }
 
 // TestPublishEachReportsEveryMessage: one call, one outcome per message in
-// call order. An invalid message fails alone, an unroutable one (policy
-// keep) fails with ErrUnroutable, and the others reach the queue; the
-// confirm hook sees each routed message once, with its own latency.
+// call order. An invalid message (a routing key too long, no message id)
+// fails alone, an unroutable one (policy keep) fails with ErrUnroutable,
+// and the others reach the queue; the confirm hook sees each routed message
+// once, with its own latency. PublishPrepared, given what the Marshaler
+// makes of the same messages, does the same.
 func TestPublishEachReportsEveryMessage(t *testing.T) {
 	t.Parallel()
-	a := newAdmin(t)
-	exchange := unique("each") + ".events"
-	a.exchange(exchange)
-	queue := unique("q")
-	a.queue(queue, nil, exchange, "company.*")
-	var confirmed atomic.Int64
-	p := newPublisher(t, publisher.Config{
-		Unroutable: publisher.UnroutableKeep,
-		OnConfirmed: func(ex string, n int, latency time.Duration) {
-			assert.Equal(t, exchange, ex)
-			assert.Equal(t, 1, n)
-			assert.Positive(t, latency)
-			confirmed.Add(int64(n))
-		},
-	})
+	for _, method := range []string{"PublishEach", "PublishPrepared"} {
+		t.Run(method, func(t *testing.T) {
+			t.Parallel()
+			a := newAdmin(t)
+			exchange := unique("each") + ".events"
+			a.exchange(exchange)
+			queue := unique("q")
+			a.queue(queue, nil, exchange, "company.*")
+			var confirmed atomic.Int64
+			p := newPublisher(t, publisher.Config{
+				Unroutable: publisher.UnroutableKeep,
+				OnConfirmed: func(ex string, n int, latency time.Duration) {
+					assert.Equal(t, exchange, ex)
+					assert.Equal(t, 1, n)
+					assert.Positive(t, latency)
+					confirmed.Add(int64(n))
+				},
+			})
 
-	msgs := make([]*message.Message, 40)
-	for i := range msgs {
-		msgs[i] = event("p", "company.updated")
-	}
-	msgs[7].Metadata.Set(publisher.MetaRoutingKey, strings.Repeat("k", 300)) // invalid
-	msgs[20] = event("p", "nobody.listens")                                  // unroutable
-	errs := p.PublishEach(exchange, msgs...)
-	require.Len(t, errs, len(msgs))
-	for i, err := range errs {
-		switch i {
-		case 7:
-			require.ErrorIs(t, err, publisher.ErrInvalidMessage)
-		case 20:
-			require.ErrorIs(t, err, publisher.ErrUnroutable)
-		default:
-			require.NoError(t, err, "message %d", i)
-		}
-	}
-	require.Equal(t, 38, a.count(queue))
-	require.EqualValues(t, 38, confirmed.Load())
-	got := a.drain(queue)
-	var want []string
-	for i, m := range msgs {
-		if i != 7 && i != 20 {
-			want = append(want, m.UUID)
-		}
-	}
-	var ids []string
-	for _, d := range got {
-		ids = append(ids, d.MessageId)
-	}
-	require.Equal(t, want, ids, "in call order")
+			msgs := make([]*message.Message, 40)
+			for i := range msgs {
+				msgs[i] = event("p", "company.updated")
+			}
+			msgs[7].Metadata.Set(publisher.MetaRoutingKey, strings.Repeat("k", 300)) // invalid
+			msgs[20] = event("p", "nobody.listens")                                  // unroutable
+			noID := event("p", "company.updated")
+			noID.UUID = "" // invalid
+			msgs[30] = noID
+			var errs []error
+			if method == "PublishEach" {
+				errs = p.PublishEach(exchange, msgs...)
+			} else {
+				pubs := make([]publisher.Prepared, len(msgs))
+				for i, m := range msgs {
+					pub, _ := publisher.Marshaler{}.Marshal(m)
+					pub.MessageId = m.UUID
+					pubs[i] = publisher.Prepared{RoutingKey: m.Metadata.Get(publisher.MetaRoutingKey), Publishing: pub}
+				}
+				errs = p.PublishPrepared(t.Context(), exchange, pubs)
+			}
+			require.Len(t, errs, len(msgs))
+			for i, err := range errs {
+				switch i {
+				case 7, 30:
+					require.ErrorIs(t, err, publisher.ErrInvalidMessage)
+				case 20:
+					require.ErrorIs(t, err, publisher.ErrUnroutable)
+				default:
+					require.NoError(t, err, "message %d", i)
+				}
+			}
+			require.Equal(t, 37, a.count(queue))
+			require.EqualValues(t, 37, confirmed.Load())
+			got := a.drain(queue)
+			var want []string
+			for i, m := range msgs {
+				if i != 7 && i != 20 && i != 30 {
+					want = append(want, m.UUID)
+				}
+			}
+			var ids []string
+			for _, d := range got {
+				ids = append(ids, d.MessageId)
+			}
+			require.Equal(t, want, ids, "in call order")
 
-	// Publish keeps its all-or-nothing refusal of an invalid call.
-	require.ErrorIs(t, p.Publish(exchange, event("p", "company.x"), msgs[7]), publisher.ErrInvalidMessage)
-	require.Zero(t, a.count(queue))
+			// Publish keeps its all-or-nothing refusal of an invalid call.
+			require.ErrorIs(t, p.Publish(exchange, event("p", "company.x"), msgs[7]), publisher.ErrInvalidMessage)
+			require.Zero(t, a.count(queue))
+		})
+	}
 }

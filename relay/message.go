@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/warrenmq/warren/outbox"
 	"github.com/warrenmq/warren/publisher"
@@ -45,4 +46,58 @@ func toMessage(r *outbox.Row) *message.Message {
 		md.Set(publisher.HeaderTraceparent, r.Traceparent)
 	}
 	return msg
+}
+
+// toPublishing maps an outbox row straight to the AMQP publishing and
+// routing key that publisher.Marshaler makes of toMessage(r), without the
+// Watermill message between them: for *publisher.Publisher's
+// PublishPrepared. TestToPublishingIsWhatTheMarshalerMakes holds the two
+// equal.
+func toPublishing(r *outbox.Row) publisher.Prepared {
+	n := len(r.Headers)
+	if r.AggregateType != "" {
+		n++
+	}
+	if r.AggregateID != "" {
+		n++
+	}
+	if r.AggregateVersion != nil {
+		n++
+	}
+	if r.Traceparent != "" {
+		n++
+	}
+	p := amqp.Publishing{
+		MessageId:     r.EventID,
+		DeliveryMode:  amqp.Persistent,
+		Body:          r.Payload,
+		Type:          r.EventType,
+		AppId:         r.Producer,
+		ContentType:   r.ContentType,
+		CorrelationId: r.CorrelationID,
+		Expiration:    r.Expiration,
+	}
+	if !r.CreatedAt.IsZero() {
+		p.Timestamp = r.CreatedAt.UTC()
+	}
+	if n > 0 {
+		h := make(amqp.Table, n)
+		for k, v := range r.Headers {
+			h[k] = v
+		}
+		if r.AggregateType != "" {
+			h[publisher.HeaderAggregateType] = r.AggregateType
+		}
+		if r.AggregateID != "" {
+			h[publisher.HeaderAggregateID] = r.AggregateID
+		}
+		if r.AggregateVersion != nil {
+			h[publisher.HeaderAggregateVersion] = *r.AggregateVersion
+		}
+		if r.Traceparent != "" {
+			h[publisher.HeaderTraceparent] = r.Traceparent
+		}
+		p.Headers = h
+	}
+	return publisher.Prepared{RoutingKey: r.EventType, Publishing: p}
 }

@@ -115,13 +115,13 @@ func (r *Relay) Run(ctx context.Context) error {
 	if r.cfg.Metrics != nil {
 		r.cfg.Metrics.router.instrument(router)
 	}
-	publish := publishEach(r.cfg.Publisher)
+	publish := publishRows(r.cfg.Publisher)
 	router.AddConsumerHandler("warren-relay", "warren_outbox", sub, func(msg *message.Message) error {
 		b := batchOf(msg)
 		if b == nil {
 			return fmt.Errorf("relay: message %s carries no outbox rows", msg.UUID)
 		}
-		errs := publish(b.exchange, b.msgs)
+		errs := publish(msgCtx, b.exchange, b.rows)
 		sub.report(msg, errs) // the router acks or nacks msg as it returns
 		return batchError(errs)
 	})
@@ -179,7 +179,16 @@ type eachPublisher interface {
 	PublishEach(topic string, msgs ...*message.Message) []error
 }
 
-var _ eachPublisher = (*publisher.Publisher)(nil)
+// preparedPublisher publishes AMQP publishings without Watermill messages,
+// reporting each one's outcome, as *publisher.Publisher does.
+type preparedPublisher interface {
+	PublishPrepared(ctx context.Context, exchange string, pubs []publisher.Prepared) []error
+}
+
+var (
+	_ eachPublisher     = (*publisher.Publisher)(nil)
+	_ preparedPublisher = (*publisher.Publisher)(nil)
+)
 
 // allFailed is the outcome of a batch of n rows that failed together.
 func allFailed(n int, err error) []error {
@@ -190,25 +199,51 @@ func allFailed(n int, err error) []error {
 	return errs
 }
 
-// publishEach returns how the relay publishes a batch with pub: one
-// PublishEach call when pub has it; else one Publish call, whose error
-// fails every row of the batch (they are published again, which the
-// consumers' inboxes absorb).
-func publishEach(pub message.Publisher) func(topic string, msgs []*message.Message) []error {
-	if ep, ok := pub.(eachPublisher); ok {
-		return func(topic string, msgs []*message.Message) []error {
-			errs := ep.PublishEach(topic, msgs...)
-			if len(errs) != len(msgs) { // a PublishEach that breaks its contract: publish again
-				return allFailed(len(msgs), fmt.Errorf("publish to exchange %q: the publisher reported %d outcomes for %d messages", topic, len(errs), len(msgs)))
+// rowPublisher publishes a batch of rows to one exchange and returns one
+// outcome per row (nil: confirmed); ctx bounds the waits.
+type rowPublisher func(ctx context.Context, exchange string, rows []*pending) []error
+
+// publishRows returns how the relay publishes a batch with pub: one
+// PublishPrepared call of publishings made straight from the rows when pub
+// has it (*publisher.Publisher); else one PublishEach call of Watermill
+// messages when pub has that; else one Publish call, whose error fails
+// every row of the batch (they are published again, which the consumers'
+// inboxes absorb). The three carry the same AMQP message (toPublishing
+// makes what the Marshaler makes of toMessage).
+func publishRows(pub message.Publisher) rowPublisher {
+	checked := func(exchange string, n int, errs []error) []error {
+		if len(errs) != n { // a publisher that breaks its contract: publish again
+			return allFailed(n, fmt.Errorf("publish to exchange %q: the publisher reported %d outcomes for %d messages", exchange, len(errs), n))
+		}
+		return errs
+	}
+	messages := func(ctx context.Context, rows []*pending) []*message.Message {
+		msgs := make([]*message.Message, len(rows))
+		for i, p := range rows {
+			msgs[i] = toMessage(&p.row)
+			msgs[i].SetContext(ctx)
+		}
+		return msgs
+	}
+	switch pp := pub.(type) {
+	case preparedPublisher:
+		return func(ctx context.Context, exchange string, rows []*pending) []error {
+			pubs := make([]publisher.Prepared, len(rows))
+			for i, p := range rows {
+				pubs[i] = toPublishing(&p.row)
 			}
-			return errs
+			return checked(exchange, len(rows), pp.PublishPrepared(ctx, exchange, pubs))
+		}
+	case eachPublisher:
+		return func(ctx context.Context, exchange string, rows []*pending) []error {
+			return checked(exchange, len(rows), pp.PublishEach(exchange, messages(ctx, rows)...))
 		}
 	}
-	return func(topic string, msgs []*message.Message) []error {
-		if err := pub.Publish(topic, msgs...); err != nil {
-			return allFailed(len(msgs), err)
+	return func(ctx context.Context, exchange string, rows []*pending) []error {
+		if err := pub.Publish(exchange, messages(ctx, rows)...); err != nil {
+			return allFailed(len(rows), err)
 		}
-		return make([]error, len(msgs))
+		return make([]error, len(rows))
 	}
 }
 

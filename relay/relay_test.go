@@ -319,71 +319,110 @@ func TestConfigValidation(t *testing.T) {
 // marked or retried on its own. With the unroutable policy "keep", the
 // rows no queue is bound for fail inside batches of rows that succeed:
 // those are marked once and arrive once, the failed ones stay unpublished.
+// It holds on both of the relay's batch paths: PublishPrepared
+// (*publisher.Publisher) and PublishEach (a Watermill publisher that
+// reports each message).
 func TestBatchRowsAreSettledOneByOne(t *testing.T) {
 	t.Parallel()
-	b := setup(t)
-	ctx := context.Background()
-	conn := testenv.Conn(t, testenv.URL())
-	queue := testenv.BindQueue(t, conn, b.exchange, "routed.*")
-	keep := newPublisher(t, publisher.Config{Unroutable: publisher.UnroutableKeep})
+	for _, path := range []string{"PublishPrepared", "PublishEach"} {
+		t.Run(path, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t)
+			ctx := context.Background()
+			conn := testenv.Conn(t, testenv.URL())
+			queue := testenv.BindQueue(t, conn, b.exchange, "routed.*")
+			keep := newPublisher(t, publisher.Config{Unroutable: publisher.UnroutableKeep})
 
-	const rows = 600
-	var evs []outbox.Event
-	for i := range rows {
-		typ := "routed.event"
-		if i%10 == 3 {
-			typ = "unrouted.event"
-		}
-		evs = append(evs, outbox.Event{Producer: b.producer, Type: typ, AggregateID: fmt.Sprint(i), Payload: []byte(`{}`)})
+			const rows = 600
+			var evs []outbox.Event
+			for i := range rows {
+				typ := "routed.event"
+				if i%10 == 3 {
+					typ = "unrouted.event"
+				}
+				evs = append(evs, outbox.Event{Producer: b.producer, Type: typ, AggregateID: fmt.Sprint(i), Payload: []byte(`{}`)})
+			}
+			_, err := outbox.AppendDB(ctx, b.db, evs...)
+			require.NoError(t, err)
+
+			rec := &recordingPublisher{Publisher: keep}
+			var pub message.Publisher = rec
+			if path == "PublishEach" {
+				pub = eachOnly{rec}
+			}
+			stop := start(t, relay.Config{DB: b.db, DBPath: b.path, Publisher: pub,
+				RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond})
+			const routed = rows - rows/10
+			waitPublished(t, b.db, routed, 20*time.Second)
+			time.Sleep(300 * time.Millisecond) // retries of the unroutable rows come and fail again
+			require.NoError(t, stop())
+
+			var marked, unrouted int
+			require.NoError(t, b.db.QueryRow(`SELECT count(*) FROM warren_outbox WHERE published_at IS NOT NULL`).Scan(&marked))
+			require.NoError(t, b.db.QueryRow(`SELECT count(*) FROM warren_outbox WHERE published_at IS NULL AND event_type = 'unrouted.event'`).Scan(&unrouted))
+			require.Equal(t, routed, marked, "exactly the routed rows are marked")
+			require.Equal(t, rows/10, unrouted, "the unroutable rows stay unpublished")
+			ds := testenv.Consume(t, conn, queue, routed, 10*time.Second)
+			seen := map[string]bool{}
+			for _, d := range ds {
+				require.False(t, seen[d.MessageId], "%s arrived twice", d.MessageId)
+				seen[d.MessageId] = true
+			}
+			require.Len(t, seen, routed)
+
+			calls, largest := rec.stats(path)
+			require.Greater(t, largest, 1, "a backlog goes in batches, not a Router message per row")
+			require.LessOrEqual(t, largest, relay.DefaultPublishBatch)
+			t.Logf("%d rows in %d %s calls, the largest of %d rows", rows, calls, path, largest)
+		})
 	}
-	_, err := outbox.AppendDB(ctx, b.db, evs...)
-	require.NoError(t, err)
-
-	rec := &recordingPublisher{Publisher: keep}
-	stop := start(t, relay.Config{DB: b.db, DBPath: b.path, Publisher: rec,
-		RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond})
-	const routed = rows - rows/10
-	waitPublished(t, b.db, routed, 20*time.Second)
-	time.Sleep(300 * time.Millisecond) // retries of the unroutable rows come and fail again
-	require.NoError(t, stop())
-
-	var marked, unrouted int
-	require.NoError(t, b.db.QueryRow(`SELECT count(*) FROM warren_outbox WHERE published_at IS NOT NULL`).Scan(&marked))
-	require.NoError(t, b.db.QueryRow(`SELECT count(*) FROM warren_outbox WHERE published_at IS NULL AND event_type = 'unrouted.event'`).Scan(&unrouted))
-	require.Equal(t, routed, marked, "exactly the routed rows are marked")
-	require.Equal(t, rows/10, unrouted, "the unroutable rows stay unpublished")
-	ds := testenv.Consume(t, conn, queue, routed, 10*time.Second)
-	seen := map[string]bool{}
-	for _, d := range ds {
-		require.False(t, seen[d.MessageId], "%s arrived twice", d.MessageId)
-		seen[d.MessageId] = true
-	}
-	require.Len(t, seen, routed)
-
-	calls, largest := rec.stats()
-	require.Greater(t, largest, 1, "a backlog goes in batches, not a Router message per row")
-	require.LessOrEqual(t, largest, relay.DefaultPublishBatch)
-	t.Logf("%d rows in %d PublishEach calls, the largest of %d rows", rows, calls, largest)
 }
 
-// recordingPublisher passes PublishEach calls on and records their sizes.
+// recordingPublisher passes PublishPrepared and PublishEach calls on and
+// records their sizes.
 type recordingPublisher struct {
 	*publisher.Publisher
 	mu      sync.Mutex
-	calls   int
-	largest int
+	calls   map[string]int
+	largest map[string]int
+}
+
+func (r *recordingPublisher) record(method string, n int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.calls == nil {
+		r.calls, r.largest = map[string]int{}, map[string]int{}
+	}
+	r.calls[method]++
+	r.largest[method] = max(r.largest[method], n)
+}
+
+func (r *recordingPublisher) PublishPrepared(ctx context.Context, exchange string, pubs []publisher.Prepared) []error {
+	r.record("PublishPrepared", len(pubs))
+	return r.Publisher.PublishPrepared(ctx, exchange, pubs)
 }
 
 func (r *recordingPublisher) PublishEach(topic string, msgs ...*message.Message) []error {
-	r.mu.Lock()
-	r.calls++
-	r.largest = max(r.largest, len(msgs))
-	r.mu.Unlock()
+	r.record("PublishEach", len(msgs))
 	return r.Publisher.PublishEach(topic, msgs...)
 }
 
-func (r *recordingPublisher) stats() (calls, largest int) {
+func (r *recordingPublisher) stats(method string) (calls, largest int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.calls, r.largest
+	return r.calls[method], r.largest[method]
 }
+
+// eachOnly is a Watermill publisher with PublishEach but not
+// PublishPrepared.
+type eachOnly struct{ r *recordingPublisher }
+
+func (e eachOnly) Publish(topic string, msgs ...*message.Message) error {
+	return e.r.Publish(topic, msgs...)
+}
+
+func (e eachOnly) PublishEach(topic string, msgs ...*message.Message) []error {
+	return e.r.PublishEach(topic, msgs...)
+}
+
+func (e eachOnly) Close() error { return e.r.Close() }

@@ -50,12 +50,11 @@ type pending struct {
 	lastErr  string
 }
 
-// batch is what one emitted message carries: the rows' messages for the
-// publisher, all to one exchange.
+// batch is what one emitted message carries: rows to publish, all to one
+// exchange.
 type batch struct {
 	exchange string
 	rows     []*pending
-	msgs     []*message.Message
 }
 
 type batchKey struct{}
@@ -73,8 +72,8 @@ type result struct {
 
 // report tells the subscriber that the handler is done with msg, which it
 // emitted, and how each of its rows fared (errs[i] is nil for a published
-// row; errs has one entry per row, which publishEach ensures). It never blocks: at most Window messages are in flight and results
-// holds as many.
+// row; errs has one entry per row, which publishRows ensures). It never
+// blocks: at most Window messages are in flight and results holds as many.
 func (s *subscriber) report(msg *message.Message, errs []error) {
 	s.results <- result{msg: msg, errs: errs}
 }
@@ -270,17 +269,11 @@ func (s *subscriber) nextBatch(ready *[]*pending, room int) (*message.Message, *
 	b := &batch{
 		exchange: publisher.ExchangeName(producer),
 		rows:     make([]*pending, k),
-		msgs:     make([]*message.Message, k),
 	}
 	copy(b.rows, r[:k])
 	clear(r[:k])
 	*ready = r[k:]
-	for i, p := range b.rows {
-		m := toMessage(&p.row)
-		m.SetContext(s.msgCtx)
-		b.msgs[i] = m
-	}
-	uuid := b.msgs[0].UUID
+	uuid := b.rows[0].row.EventID
 	if k > 1 {
 		uuid = "outbox-seq-" + strconv.FormatInt(b.rows[0].row.Seq, 10) + "+" + strconv.Itoa(k)
 	}

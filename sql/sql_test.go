@@ -217,3 +217,32 @@ func TestFormatTimeMatchesLayout(t *testing.T) {
 		require.Equal(t, tm.UTC().Format(wsql.TimeFormat), wsql.FormatTime(tm), "%v", tm)
 	}
 }
+
+// ParseTime reads TimeFormat itself: it must agree with time.Parse, on
+// good times and on every way a string of that shape can be wrong.
+func TestParseTimeMatchesLayout(t *testing.T) {
+	t.Parallel()
+	texts := []string{
+		"2026-11-22T07:05:09.123Z", "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z",
+		"2024-02-29T23:30:00.001Z", "2023-02-29T00:00:00.000Z", "2026-04-31T00:00:00.000Z",
+		"2026-13-01T00:00:00.000Z", "2026-00-01T00:00:00.000Z", "2026-01-00T00:00:00.000Z",
+		"2026-01-01T24:00:00.000Z", "2026-01-01T00:60:00.000Z", "2026-01-01T00:00:60.000Z",
+		"2026-01-01T00:00:00.00xZ", "2026-1a-01T00:00:00.000Z", "2026-01-01 00:00:00.000Z",
+		"+026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.000X",
+	}
+	for i := range 1000 {
+		texts = append(texts, wsql.FormatTime(time.Unix(int64(i)*7_919_993, int64(i)*1_234_567)))
+	}
+	for _, s := range texts {
+		want, wantErr := time.Parse(wsql.TimeFormat, s)
+		got, err := wsql.ParseTime(s)
+		if wantErr != nil {
+			// ParseTime tries other layouts too; none takes these.
+			require.Error(t, err, s)
+			continue
+		}
+		require.NoError(t, err, s)
+		require.True(t, want.Equal(got), "%s: %v, want %v", s, got, want)
+		require.Equal(t, time.UTC, got.Location(), s)
+	}
+}
