@@ -80,8 +80,7 @@ type committer struct {
 	// stop (in-flight handlers finish) and is cancelled on abort.
 	base context.Context
 
-	jobs  chan *job
-	stmts stmtCache
+	jobs chan *job
 	// writer holds the connection the batches run on, one at a time.
 	writer *wsql.Writer
 	done   chan struct{}
@@ -93,7 +92,6 @@ func newCommitter(base context.Context, db *dbsql.DB, h Handler, timeout time.Du
 	return &committer{
 		db: db, handler: h, timeout: timeout, maxBatch: maxBatch, log: log, base: base,
 		jobs:   make(chan *job, maxBatch),
-		stmts:  stmtCache{db: db, m: map[string]*dbsql.Stmt{}},
 		writer: wsql.NewWriter(db),
 		done:   make(chan struct{}),
 	}
@@ -111,7 +109,6 @@ func (c *committer) close() {
 	close(c.jobs)
 	<-c.done
 	c.writer.Close()
-	c.stmts.close()
 }
 
 func (c *committer) loop() { c.loopFrom(nil) }
@@ -133,7 +130,18 @@ func (c *committer) loopFrom(pending []*job) {
 		lastEnd  time.Time // when it ended
 	)
 	for {
-		j, ok := <-c.jobs
+		var j *job
+		var ok bool
+		select {
+		case j, ok = <-c.jobs:
+		default:
+			// Idle: the Writer's connection goes back to the pool, which
+			// may be the application's and hold one connection, until
+			// the next delivery. Under load the queue is never empty and
+			// the connection stays.
+			c.writer.Close()
+			j, ok = <-c.jobs
+		}
 		if !ok {
 			close(c.done)
 			return
@@ -229,7 +237,7 @@ func (c *committer) run(batch []*job) (rest []*job, alive bool) {
 	}
 	w := &watchdog{c: c, batch: batch, tx: tx, job: -1}
 	defer w.close()
-	x := &txExec{tx: tx, cache: &c.stmts}
+	x := &txExec{tx: tx}
 	results := make([]jobResult, len(batch))
 	for i, j := range batch {
 		res, err := c.runJob(ctx, tx, x, j, w, i)
@@ -441,58 +449,15 @@ func (c *committer) failAll(batch []*job, err error) {
 	}
 }
 
-// stmtCache keeps the inbox's statements prepared on the database, so that
-// each transaction reuses them on its connection instead of preparing
-// them for every delivery.
-type stmtCache struct {
-	db *dbsql.DB
-	mu sync.Mutex
-	m  map[string]*dbsql.Stmt
-}
-
-func (s *stmtCache) get(ctx context.Context, query string) (*dbsql.Stmt, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if st, ok := s.m[query]; ok {
-		return st, nil
-	}
-	st, err := s.db.PrepareContext(ctx, query)
-	if err != nil {
-		return nil, err
-	}
-	s.m[query] = st
-	return st, nil
-}
-
-func (s *stmtCache) close() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for q, st := range s.m {
-		_ = st.Close()
-		delete(s.m, q)
-	}
-}
-
-// txExec is an inbox.Execer on a transaction that uses the cached
-// statements, bound to the transaction once per query.
+// txExec is the inbox.Execer of a batch: its transaction. The statements
+// are prepared once per connection by the driver's statement cache
+// (sql.DSN's _stmt_cache_size), not by database/sql, whose prepare on the
+// database takes a connection of the pool: an application that gives its
+// database one connection would wait forever for the one the batch holds.
 type txExec struct {
-	tx    *dbsql.Tx
-	cache *stmtCache
-	bound map[string]*dbsql.Stmt
+	tx *dbsql.Tx
 }
 
 func (x *txExec) ExecContext(ctx context.Context, query string, args ...any) (dbsql.Result, error) {
-	st, ok := x.bound[query]
-	if !ok {
-		prepared, err := x.cache.get(ctx, query)
-		if err != nil {
-			return x.tx.ExecContext(ctx, query, args...)
-		}
-		st = x.tx.StmtContext(ctx, prepared)
-		if x.bound == nil {
-			x.bound = map[string]*dbsql.Stmt{}
-		}
-		x.bound[query] = st
-	}
-	return st.ExecContext(ctx, args...)
+	return x.tx.ExecContext(ctx, query, args...)
 }

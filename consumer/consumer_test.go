@@ -172,3 +172,31 @@ func TestFailingHandlerDoesNotUndoItsBatch(t *testing.T) {
 	require.Equal(t, 90, b.count(t, `SELECT count(*) FROM warren_inbox WHERE status = 'processed'`))
 	require.Equal(t, 10, b.depth(t, publisher.RetryQueueName(b.name, time.Hour)))
 }
+
+// An application that gives its database one connection, as the README
+// suggests for its writes, and hands that database to the consumer: the
+// consumer takes the connection for its commits and gives it back when the
+// queue is idle, so the application's own statements run between
+// deliveries instead of waiting for the consumer to stop.
+func TestConsumerSharesAOneConnectionPool(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.db.SetMaxOpenConns(1)
+	b.start(t, b.cfg, consumer.HandlerFunc(effect))
+
+	for round := range 3 {
+		var evs []amqp.Publishing
+		for i := range 20 {
+			evs = append(evs, b.event(fmt.Sprintf("0192b3a4-0000-7000-8000-%012d", round*100+i)))
+		}
+		b.publish(t, "", publisher.QueueName(b.name), evs...)
+		require.Eventually(t, func() bool { return b.counts.delivered.Load() == int64(20*(round+1)) },
+			10*time.Second, 10*time.Millisecond, "delivered %d", b.counts.delivered.Load())
+		// The application writes on its one connection, promptly.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := b.db.ExecContext(ctx, `INSERT INTO effects (message_id, attempt) VALUES ('app', 0)`)
+		cancel()
+		require.NoError(t, err, "the application's write waited for the consumer's connection")
+	}
+	require.Equal(t, 63, b.count(t, `SELECT count(*) FROM effects`))
+}

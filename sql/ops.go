@@ -202,8 +202,9 @@ func beginPolling(ctx context.Context, conn *dbsql.Conn, wait time.Duration) (*d
 // it is taken, and back when it is closed, instead of around every
 // transaction: three statements fewer per transaction. The transaction's
 // own statements run with the busy timeout 0; holding SQLite's write lock
-// (BEGIN IMMEDIATE) in WAL mode, they have nothing to wait for. A Writer
-// is not safe for concurrent use.
+// (BEGIN IMMEDIATE) in WAL mode, they have nothing to wait for. Close it
+// whenever its writer goes idle: the pool may be the application's, with
+// one connection. A Writer is not safe for concurrent use.
 type Writer struct {
 	db      *dbsql.DB
 	conn    *dbsql.Conn
