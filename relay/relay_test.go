@@ -426,3 +426,30 @@ func (e eachOnly) PublishEach(topic string, msgs ...*message.Message) []error {
 }
 
 func (e eachOnly) Close() error { return e.r.Close() }
+
+// An application that gives its database one connection and embeds the
+// relay on it: the relay's reader, marker and pruner take that connection
+// in turn and never hold it between their statements, so everything is
+// published and the application's own writes go through meanwhile.
+func TestRelayOnAOneConnectionPool(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.db.SetMaxOpenConns(1)
+	conn := testenv.Conn(t, testenv.URL())
+	queue := testenv.BindQueue(t, conn, b.exchange)
+	start(t, relay.Config{DB: b.db, DBPath: b.path, Publisher: b.pub})
+	ctx := context.Background()
+	const rounds, per = 5, 200
+	for round := range rounds {
+		var evs []outbox.Event
+		for i := range per {
+			evs = append(evs, outbox.Event{Producer: b.producer, Type: "company.updated", AggregateID: fmt.Sprint(i % 10), Payload: []byte(`{}`)})
+		}
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := outbox.AppendDB(wctx, b.db, evs...)
+		cancel()
+		require.NoError(t, err, "round %d: the application's write waited on the relay", round)
+	}
+	waitPublished(t, b.db, rounds*per, 20*time.Second)
+	require.Len(t, testenv.Consume(t, conn, queue, rounds*per, 10*time.Second), rounds*per)
+}
