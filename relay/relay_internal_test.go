@@ -1,8 +1,11 @@
 package relay
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -16,12 +19,30 @@ func TestBatchErrorIsOneLine(t *testing.T) {
 	require.Equal(t, "2 of 4 rows not published, they will be retried; the first: connection to the broker lost: EOF", err.Error())
 }
 
-// Marks of a steady stream follow each other closely; marks of a backlog
-// being drained gather four times as long, and cost less per row.
-func TestMarkWaitGrowsWithABacklog(t *testing.T) {
-	require.Equal(t, markInterval, markWait(1))
-	require.Equal(t, markInterval, markWait(backlogMark-1))
-	require.Equal(t, backlogMarkInterval, markWait(backlogMark))
-	require.Equal(t, backlogMarkInterval, markWait(2000))
-	require.Greater(t, backlogMarkInterval, markInterval)
+// Marks of a steady stream follow each other closely; after a large mark
+// (a backlog draining) the marker waits longer while rows keep coming, and
+// stops waiting once they stop.
+func TestMarkerGathersLongerWhileABacklogDrains(t *testing.T) {
+	m := newMarker(context.Background(), nil, slog.New(slog.DiscardHandler), nil)
+	took := func(n int) time.Duration {
+		start := time.Now()
+		m.gather(n)
+		return time.Since(start)
+	}
+	require.Less(t, took(10), backlogMarkInterval, "a small mark: the short interval")
+	require.Less(t, took(backlogMark), backlogMarkInterval, "nothing more came: no long wait")
+
+	stop := make(chan struct{})
+	go func() { // confirms keep coming
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+				m.add(1)
+			}
+		}
+	}()
+	require.GreaterOrEqual(t, took(backlogMark), backlogMarkInterval, "rows keep coming: it gathers the long interval")
+	close(stop)
 }

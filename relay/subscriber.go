@@ -398,26 +398,45 @@ type marker struct {
 
 // markInterval is the shortest time between two mark transactions. After
 // a mark of at least backlogMark rows, the sign of a backlog being
-// drained, the marker waits backlogMarkInterval instead: a mark
-// transaction has a fixed cost (the pages its first and last rows share
-// with the previous and next mark, the index pages, the commit), and
-// while a backlog drains the rows waited far longer than that for their
-// turn. A steady stream (1,000 events/s makes marks of about 10 rows)
-// keeps the short interval, and published_at stays within milliseconds of
-// the confirm.
+// drained, the marker lets the next one gather for up to
+// backlogMarkInterval, as long as confirms keep coming: a mark transaction
+// has a fixed cost (the pages its first and last rows share with the
+// previous and next mark, the index pages, the commit), and while a
+// backlog drains the rows waited far longer than that for their turn. A
+// stream of 1,000 events/s (marks of about 10 rows) keeps the short
+// interval, and published_at stays within milliseconds of the confirm;
+// the end of a drain is marked within markInterval of its last confirm.
 const (
 	markInterval        = 10 * time.Millisecond
 	backlogMark         = 128
 	backlogMarkInterval = 40 * time.Millisecond
 )
 
-// markWait is how long the marker lets the next mark gather after a mark
-// of n rows.
-func markWait(n int) time.Duration {
-	if n >= backlogMark {
-		return backlogMarkInterval
+// gather waits for the next mark to gather after a mark of n rows:
+// markInterval, and after a large mark up to backlogMarkInterval, in steps
+// of markInterval while rows keep arriving.
+func (m *marker) gather(n int) {
+	time.Sleep(markInterval)
+	if n < backlogMark {
+		return
 	}
-	return markInterval
+	prev, closed := m.pendingLen()
+	for waited := markInterval; waited < backlogMarkInterval && !closed; waited += markInterval {
+		time.Sleep(markInterval)
+		var cur int
+		if cur, closed = m.pendingLen(); cur == prev {
+			return // the confirms stopped: mark what came now
+		}
+		prev = cur
+	}
+}
+
+// pendingLen returns how many rows wait to be marked, and whether the
+// marker is closed.
+func (m *marker) pendingLen() (int, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.pending), m.closed
 }
 
 func newMarker(ctx context.Context, db *sql.DB, log *slog.Logger, onMark func(int)) *marker {
@@ -470,7 +489,7 @@ func (m *marker) run() {
 			}
 			if !closed {
 				// Let the next batch gather.
-				time.Sleep(markWait(len(batch)))
+				m.gather(len(batch))
 			}
 		}
 	}
