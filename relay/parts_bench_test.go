@@ -65,6 +65,7 @@ func partsEvent(i int) outbox.Event {
 // (pause and resume leave out set-up work).
 type cpuClock struct {
 	r0        syscall.Rusage
+	running   bool
 	user, sys time.Duration
 }
 
@@ -74,13 +75,20 @@ func startCPU() *cpuClock {
 	return c
 }
 
-func (c *cpuClock) resume() { _ = syscall.Getrusage(syscall.RUSAGE_SELF, &c.r0) }
+func (c *cpuClock) resume() {
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &c.r0)
+	c.running = true
+}
 
 func (c *cpuClock) pause() {
+	if !c.running {
+		return
+	}
 	var r1 syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &r1)
 	c.user += time.Duration(r1.Utime.Nano() - c.r0.Utime.Nano())
 	c.sys += time.Duration(r1.Stime.Nano() - c.r0.Stime.Nano())
+	c.running = false
 }
 
 // report pauses the clock and reports its CPU time per row for n rows.
