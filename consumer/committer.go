@@ -81,7 +81,13 @@ type committer struct {
 	base context.Context
 
 	jobs chan *job
-	// writer holds the connection the batches run on, one at a time.
+	// writer holds the connection the batches run on, one at a time. The
+	// inbox statements run on the batch's transaction and are prepared
+	// once per connection by the driver's statement cache (sql.DSN's
+	// _stmt_cache_size), not by database/sql, whose prepare on the
+	// database takes a connection of the pool: an application that gives
+	// its database one connection would wait forever for the one the
+	// batch holds.
 	writer *wsql.Writer
 	done   chan struct{}
 	// commitTime is a moving average of the commit time (nanoseconds).
@@ -237,10 +243,9 @@ func (c *committer) run(batch []*job) (rest []*job, alive bool) {
 	}
 	w := &watchdog{c: c, batch: batch, tx: tx, job: -1}
 	defer w.close()
-	x := &txExec{tx: tx}
 	results := make([]jobResult, len(batch))
 	for i, j := range batch {
-		res, err := c.runJob(ctx, tx, x, j, w, i)
+		res, err := c.runJob(ctx, tx, j, w, i)
 		if errors.Is(err, errAbandoned) {
 			return nil, false
 		}
@@ -356,28 +361,28 @@ func (w *watchdog) fire() {
 // writes and the inbox claim, and the failure is recorded instead. The
 // other jobs are single statements, atomic by themselves. err is a
 // failure of the transaction itself (the batch is lost), or errAbandoned.
-func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, w *watchdog, i int) (res jobResult, err error) {
+func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, j *job, w *watchdog, i int) (res jobResult, err error) {
 	if j.kind == jobRecord {
-		if err := j.record(ctx, x); err != nil {
+		if err := j.record(ctx, tx); err != nil {
 			return jobResult{outcome: outcomeFailed, err: err}, nil
 		}
 		return jobResult{outcome: outcomeOK}, nil
 	}
 	_, builtin := c.handler.(builtinHandler)
 	if !builtin {
-		if _, err := x.ExecContext(ctx, savepoint); err != nil {
+		if _, err := tx.ExecContext(ctx, savepoint); err != nil {
 			return jobResult{}, fmt.Errorf("inbox: savepoint: %w", err)
 		}
 	}
-	res, err = c.handle(ctx, tx, x, j, builtin, w, i)
+	res, err = c.handle(ctx, tx, j, builtin, w, i)
 	if err != nil || builtin {
 		return res, err
 	}
 	if res.outcome == outcomeFailed {
-		_, err = x.ExecContext(ctx, rollbackTo)
+		_, err = tx.ExecContext(ctx, rollbackTo)
 	}
 	if err == nil {
-		_, err = x.ExecContext(ctx, release)
+		_, err = tx.ExecContext(ctx, release)
 	}
 	if err != nil {
 		return jobResult{}, fmt.Errorf("inbox: end savepoint (did the handler end the transaction?): %w", err)
@@ -385,7 +390,7 @@ func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job,
 	if res.outcome == outcomeFailed {
 		// Record the failure in the same transaction, after the handler's
 		// writes were rolled back.
-		if err := inbox.RecordFailure(ctx, x, &j.d.Delivery, j.d.Attempt, res.err, j.failStatus); err != nil {
+		if err := inbox.RecordFailure(ctx, tx, &j.d.Delivery, j.d.Attempt, res.err, j.failStatus); err != nil {
 			c.log.Error("inbox: cannot record a failed attempt", "message_id", j.d.MessageID, "error", err)
 		} else {
 			res.recorded = true
@@ -396,13 +401,13 @@ func (c *committer) runJob(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job,
 
 // handle claims the delivery and runs the handler; err is errAbandoned
 // or nil.
-func (c *committer) handle(ctx context.Context, tx *dbsql.Tx, x *txExec, j *job, builtin bool, w *watchdog, i int) (jobResult, error) {
-	fresh, err := inbox.MarkProcessedRow(ctx, x, j.row)
+func (c *committer) handle(ctx context.Context, tx *dbsql.Tx, j *job, builtin bool, w *watchdog, i int) (jobResult, error) {
+	fresh, err := inbox.MarkProcessedRow(ctx, tx, j.row)
 	if err != nil {
 		return jobResult{outcome: outcomeFailed, err: err}, nil
 	}
 	if !fresh {
-		if err := inbox.RecordDuplicate(ctx, x, j.d.Consumer, j.d.MessageID); err != nil {
+		if err := inbox.RecordDuplicate(ctx, tx, j.d.Consumer, j.d.MessageID); err != nil {
 			c.log.Warn("inbox: cannot count a duplicate", "message_id", j.d.MessageID, "error", err)
 		}
 		return jobResult{outcome: outcomeDuplicate}, nil
@@ -447,17 +452,4 @@ func (c *committer) failAll(batch []*job, err error) {
 	for _, j := range batch {
 		j.done <- jobResult{outcome: outcomeFailed, err: err}
 	}
-}
-
-// txExec is the inbox.Execer of a batch: its transaction. The statements
-// are prepared once per connection by the driver's statement cache
-// (sql.DSN's _stmt_cache_size), not by database/sql, whose prepare on the
-// database takes a connection of the pool: an application that gives its
-// database one connection would wait forever for the one the batch holds.
-type txExec struct {
-	tx *dbsql.Tx
-}
-
-func (x *txExec) ExecContext(ctx context.Context, query string, args ...any) (dbsql.Result, error) {
-	return x.tx.ExecContext(ctx, query, args...)
 }

@@ -362,29 +362,13 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 // message, in the order of msgs: nil when the broker confirmed it (and, under
 // UnroutableCount, also when it returned it as unroutable), else why it may
 // not have reached the broker. Unlike Publish, a message that cannot be
-// marshaled fails alone and the others are published. The relay hands a
-// batch of outbox rows to one call and marks each confirmed row, whatever
-// became of the others.
+// marshaled fails alone and the others are published.
 func (p *Publisher) PublishEach(topic string, msgs ...*message.Message) []error {
-	errs := make([]error, len(msgs))
-	if err := p.checkCall(topic, len(msgs)); err != nil {
-		for i := range errs {
-			errs[i] = err
-		}
-		return errs
-	}
-	items := make([]outgoing, 0, len(msgs))
-	index := make([]int, 0, len(msgs))
-	for i, m := range msgs {
+	return p.publishEach(topic, len(msgs), func(i int) (outgoing, error) {
+		m := msgs[i]
 		pub, err := marshalChecked(topic, m)
-		if err != nil {
-			errs[i] = err
-			continue
-		}
-		items, index = append(items, outgoing{ctx: m.Context(), key: m.Metadata.Get(MetaRoutingKey), pub: pub}), append(index, i)
-	}
-	p.publishEach(topic, items, index, errs)
-	return errs
+		return outgoing{ctx: m.Context(), key: m.Metadata.Get(MetaRoutingKey), pub: pub}, err
+	})
 }
 
 // Prepared is one message of a PublishPrepared call: the AMQP publishing,
@@ -402,36 +386,41 @@ type Prepared struct {
 // were a tenth of the relay's CPU time. A publishing that breaks AMQP's
 // limits fails alone, with ErrInvalidMessage.
 func (p *Publisher) PublishPrepared(ctx context.Context, exchange string, pubs []Prepared) []error {
-	errs := make([]error, len(pubs))
-	if err := p.checkCall(exchange, len(pubs)); err != nil {
+	return p.publishEach(exchange, len(pubs), func(i int) (outgoing, error) {
+		pp := &pubs[i]
+		if pp.Publishing.MessageId == "" {
+			return outgoing{}, fmt.Errorf("publish to exchange %q: %w: the publishing has no message_id", exchange, ErrInvalidMessage)
+		}
+		if err := checkPublishing(pp.RoutingKey, pp.Publishing); err != nil {
+			return outgoing{}, fmt.Errorf("publish message %s to exchange %q: %w: %w", pp.Publishing.MessageId, exchange, ErrInvalidMessage, err)
+		}
+		return outgoing{ctx: ctx, key: pp.RoutingKey, pub: pp.Publishing}, nil
+	})
+}
+
+// publishEach is PublishEach and PublishPrepared: item(i) makes the i-th
+// of n publishings of the call, or says why it cannot be published; the
+// others are published in order, and errs[i] is the outcome of the i-th.
+func (p *Publisher) publishEach(topic string, n int, item func(i int) (outgoing, error)) []error {
+	errs := make([]error, n)
+	if err := p.checkCall(topic, n); err != nil {
 		for i := range errs {
 			errs[i] = err
 		}
 		return errs
 	}
-	items := make([]outgoing, 0, len(pubs))
-	index := make([]int, 0, len(pubs))
-	for i := range pubs {
-		pp := &pubs[i]
-		if pp.Publishing.MessageId == "" {
-			errs[i] = fmt.Errorf("publish to exchange %q: %w: the publishing has no message_id", exchange, ErrInvalidMessage)
+	items := make([]outgoing, 0, n)
+	index := make([]int, 0, n)
+	for i := range n {
+		it, err := item(i)
+		if err != nil {
+			errs[i] = err
 			continue
 		}
-		if err := checkPublishing(pp.RoutingKey, pp.Publishing); err != nil {
-			errs[i] = fmt.Errorf("publish message %s to exchange %q: %w: %w", pp.Publishing.MessageId, exchange, ErrInvalidMessage, err)
-			continue
-		}
-		items, index = append(items, outgoing{ctx: ctx, key: pp.RoutingKey, pub: pp.Publishing}), append(index, i)
+		items, index = append(items, it), append(index, i)
 	}
-	p.publishEach(exchange, items, index, errs)
-	return errs
-}
-
-// publishEach publishes items and sets errs[index[k]] to the outcome of
-// items[k].
-func (p *Publisher) publishEach(topic string, items []outgoing, index []int, errs []error) {
 	if len(items) == 0 {
-		return
+		return errs
 	}
 	for k, err := range p.publish(topic, items) {
 		if err == errNotTried {
@@ -439,6 +428,7 @@ func (p *Publisher) publishEach(topic string, items []outgoing, index []int, err
 		}
 		errs[index[k]] = err
 	}
+	return errs
 }
 
 // checkCall refuses a call on a closed publisher or with an exchange name

@@ -54,19 +54,6 @@ func toMessage(r *outbox.Row) *message.Message {
 // PublishPrepared. TestToPublishingIsWhatTheMarshalerMakes holds the two
 // equal.
 func toPublishing(r *outbox.Row) publisher.Prepared {
-	n := len(r.Headers)
-	if r.AggregateType != "" {
-		n++
-	}
-	if r.AggregateID != "" {
-		n++
-	}
-	if r.AggregateVersion != nil {
-		n++
-	}
-	if r.Traceparent != "" {
-		n++
-	}
 	p := amqp.Publishing{
 		MessageId:     r.EventID,
 		DeliveryMode:  amqp.Persistent,
@@ -80,23 +67,23 @@ func toPublishing(r *outbox.Row) publisher.Prepared {
 	if !r.CreatedAt.IsZero() {
 		p.Timestamp = r.CreatedAt.UTC()
 	}
-	if n > 0 {
-		h := make(amqp.Table, n)
-		for k, v := range r.Headers {
-			h[k] = v
-		}
-		if r.AggregateType != "" {
-			h[publisher.HeaderAggregateType] = r.AggregateType
-		}
-		if r.AggregateID != "" {
-			h[publisher.HeaderAggregateID] = r.AggregateID
-		}
-		if r.AggregateVersion != nil {
-			h[publisher.HeaderAggregateVersion] = *r.AggregateVersion
-		}
-		if r.Traceparent != "" {
-			h[publisher.HeaderTraceparent] = r.Traceparent
-		}
+	h := make(amqp.Table, len(r.Headers)+4)
+	for k, v := range r.Headers {
+		h[k] = v
+	}
+	if r.AggregateType != "" {
+		h[publisher.HeaderAggregateType] = r.AggregateType
+	}
+	if r.AggregateID != "" {
+		h[publisher.HeaderAggregateID] = r.AggregateID
+	}
+	if r.AggregateVersion != nil {
+		h[publisher.HeaderAggregateVersion] = *r.AggregateVersion
+	}
+	if r.Traceparent != "" {
+		h[publisher.HeaderTraceparent] = r.Traceparent
+	}
+	if len(h) > 0 {
 		p.Headers = h
 	}
 	return publisher.Prepared{RoutingKey: r.EventType, Publishing: p}
