@@ -182,7 +182,7 @@ func report(w io.Writer, o options, m machine, r *results) {
 	if len(r.growth.Small) > 0 {
 		g := r.growth
 		sm := g.SmallMedian()
-		add(line{"6", fmt.Sprintf("relay drain at a %s-row backlog (median of %d), into a quorum queue held at %s messages", count(sm.N), len(g.Small), count(growthQueue)),
+		add(line{"6", fmt.Sprintf("relay drain at a %s-row backlog (median of %d), into a full quorum queue held at %s messages", count(sm.N), len(g.Small), count(growthQueue)),
 			perSec(sm.PerSec(), "events"), "1.00", "", ""})
 		q := g.Large.PerSec() / sm.PerSec()
 		add(line{"6", fmt.Sprintf("relay drain at a %s-row backlog, same queue (%s/s over rows 10-20%%, %s/s over rows 80-90%%)", count(g.Large.N), count(int(g.Large.First)), count(int(g.Large.Last))),
@@ -244,7 +244,7 @@ func report(w io.Writer, o options, m machine, r *results) {
 
 	fmt.Fprintf(w, "\nEvents: %d-byte JSON payloads, type %q, aggregates \"company\" 0..%d round robin; the relay and the limit publish the same AMQP message (warren's marshaler), mandatory and persistent, window %d.", payloadSize, eventType, aggregates-1, window)
 	fmt.Fprintf(w, " Drains are timed from the relay's \"relay started\" line to the last published_at (1 ms resolution); the peer from the forwarder's start until the queue holds every message.")
-	fmt.Fprintf(w, " Figures 1, 2 and 5 publish into an empty quorum queue that grows to the backlog; figure 6 into one held at %s messages (x-max-length, drop-head), so that only the outbox grows.", count(growthQueue))
+	fmt.Fprintf(w, " Figures 1, 2 and 5 publish into an empty quorum queue that grows to the backlog; figure 6 into one filled to %s messages before each drain and held there (x-max-length, drop-head: the broker drops the oldest for each one published), so that only the outbox grows.", count(growthQueue))
 	fmt.Fprintf(w, " End to end: latencies from the application's commit returning; published_at is truncated to the millisecond (half of one is added); the inbox time is when the consumer's transaction commit returned.\n")
 	if r.peer.N > 0 {
 		fmt.Fprintf(w, "The peer: %s.\n", r.peer.Setup)
