@@ -4,7 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,12 +26,18 @@ import (
 // system, which moves less than the wall time on a shared machine.
 //
 //	go test -run '^$' -bench 'Read|Publishing|Mark' -benchtime 100000x ./relay
+//
+// WARREN_BENCH_ROWS sets how many rows the table holds (default 50,000):
+// the same parts on a deeper table.
 
-const partsRows = 50_000
+// partsRowsDefault is how many unpublished rows partsDB appends unless
+// WARREN_BENCH_ROWS says otherwise.
+const partsRowsDefault = 50_000
 
-// partsDB returns a migrated database holding partsRows unpublished rows.
+// partsDB returns a migrated database holding partsRows(b) unpublished rows.
 func partsDB(b *testing.B) *sql.DB {
 	b.Helper()
+	partsRows := partsRows(b)
 	ctx := context.Background()
 	db, err := wsql.Open(ctx, filepath.Join(b.TempDir(), "parts.db"), wsql.Options{Synchronous: "OFF"})
 	require.NoError(b, err)
@@ -48,6 +56,20 @@ func partsDB(b *testing.B) *sql.DB {
 	_, err = db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`)
 	require.NoError(b, err)
 	return db
+}
+
+// partsRows is how many rows partsDB appends: WARREN_BENCH_ROWS, or
+// partsRowsDefault.
+func partsRows(b *testing.B) int {
+	v := os.Getenv("WARREN_BENCH_ROWS")
+	if v == "" {
+		return partsRowsDefault
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1000 {
+		b.Fatalf("WARREN_BENCH_ROWS=%q: want a number of rows, at least 1000", v)
+	}
+	return n
 }
 
 func partsEvent(i int) outbox.Event {
@@ -158,6 +180,7 @@ func BenchmarkMarkPublished(b *testing.B) {
 	for _, perTx := range []int{40, 160, 640, 1280} {
 		b.Run(fmt.Sprint(perTx), func(b *testing.B) {
 			db := partsDB(b)
+			partsRows := int64(partsRows(b))
 			ctx := context.Background()
 			seq := int64(0)
 			seqs := make([]int64, 0, perTx)
