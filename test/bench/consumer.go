@@ -126,6 +126,7 @@ func (b *bench) consumeWarren(ctx context.Context, cfg consumer.Config, producer
 		stopBar()
 		return rate{}, err
 	}
+	b.settle(ctx, "3 consumer")
 	m := b.meter(0)
 	start := time.Now()
 	if err := c.Start(ctx); err != nil {
@@ -162,6 +163,7 @@ func (b *bench) consumeRaw(ctx context.Context, k int64, producer string, msgs [
 	if err := b.fillQueue(ctx, producer, raw, msgs); err != nil {
 		return rate{}, err
 	}
+	b.settle(ctx, "3 raw consume-and-ack")
 	m := b.meter(0)
 	took, err := rawConsume(ctx, b.o.url, raw, n, 1, prefetch, newBar(n, "3 raw consume-and-ack"))
 	if err != nil {

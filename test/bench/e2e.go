@@ -159,6 +159,7 @@ func (b *bench) endToEnd(ctx context.Context, perSec int, d time.Duration) (e2eR
 		return res, fmt.Errorf("warm-up: %w\nrelay output:\n%s", err, p.output())
 	}
 
+	b.settle(ctx, "4 end to end")
 	// The relay's own publish → confirm histogram, from here on.
 	confirmsBefore, err := scrapeHistogram(ctx, metricsAddr, "warren_relay_confirm_seconds")
 	if err != nil {
@@ -439,6 +440,7 @@ func (b *bench) brokerFloor(ctx context.Context, perSec int, d time.Duration) (f
 			}
 		}
 	}()
+	b.settle(ctx, "4 the broker alone")
 	bar := newBar(n, "4 the broker alone")
 	stopBar := follow(bar, &arrivals)
 	m := b.meter(0)

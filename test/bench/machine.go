@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net"
 	"net/url"
@@ -219,4 +220,46 @@ func (c cpuUse) String() string {
 		s = fmt.Sprintf("relay %.0f%%, ", c.Relay*100) + s
 	}
 	return s
+}
+
+// The broker counts as quiet when it used at most settleShare of a core
+// over settleWindow; settle waits for that at most settleMax.
+const (
+	settleWindow = 300 * time.Millisecond
+	settleShare  = 0.10
+	settleMax    = 30 * time.Second
+)
+
+// settle waits until the broker is quiet before a timed phase starts, so
+// that the phase does not pay for the after-work of the one before: a
+// deleted quorum queue, a filled queue's log written to its segment files.
+// Both sides of a ratio settle alike. It says so when it waited long, and
+// measures anyway when the broker stays busy past settleMax.
+func (b *bench) settle(ctx context.Context, phase string) {
+	if b.brokerPID <= 0 {
+		return
+	}
+	start := time.Now()
+	last := cpuTime(b.brokerPID)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(settleWindow):
+		}
+		now := cpuTime(b.brokerPID)
+		share := float64(now-last) / float64(settleWindow)
+		last = now
+		waited := time.Since(start)
+		if share <= settleShare {
+			if waited > 2*settleWindow {
+				b.logf("%s: waited %s for the broker to be quiet", phase, waited.Round(100*time.Millisecond))
+			}
+			return
+		}
+		if waited > settleMax {
+			b.logf("%s: the broker is still busy after %s (%.0f%% of a core); measuring anyway", phase, waited.Round(time.Second), 100*share)
+			return
+		}
+	}
 }

@@ -113,6 +113,7 @@ func (b *bench) peer(ctx context.Context, n int) (peerResult, error) {
 		return res, err
 	}
 
+	b.settle(ctx, "5 the peer")
 	bar := newBar(n, "5 the peer: forwarder drain")
 	m := b.meter(0)
 	fctx, stop := context.WithCancel(ctx)

@@ -76,6 +76,7 @@ func (b *bench) limit(ctx context.Context, n int, round string) (rate, error) {
 		return rate{}, err
 	}
 	defer del()
+	b.settle(ctx, "1 the limit"+round)
 	bar := newBar(n, "1 the limit: raw publish"+round)
 	m := b.meter(0)
 	took, err := rawPublish(ctx, b.o.url, publisher.ExchangeName(producer), msgs, window, bar)
@@ -133,6 +134,7 @@ func (b *bench) relayDrain(ctx context.Context, n int, label string, maxQueue in
 		return drain{}, err
 	}
 
+	b.settle(ctx, label)
 	p, err := b.startWarren([]string{"WARREN_DB=" + path, "WARREN_URL=" + b.o.url, "WARREN_LOG_LEVEL=info"}, "relay")
 	if err != nil {
 		return drain{}, err
