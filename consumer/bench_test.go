@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/pprof"
+	"runtime/trace"
 	"sort"
 	"strconv"
 	"strings"
@@ -32,7 +33,8 @@ import (
 // WARREN_BENCH_HANDLER=func runs an application's handler (a HandlerFunc
 // that writes nothing) instead of the audit-only Inbox.
 // WARREN_BENCH_CPUPROFILE names a file for a CPU profile of the warren
-// phase alone (the last round's).
+// phase alone (the last round's), WARREN_BENCH_TRACE one for an execution
+// trace of it.
 //
 //	go test -run '^$' -bench Consume -benchtime 1x ./consumer
 func BenchmarkConsume(b *testing.B) {
@@ -135,6 +137,17 @@ func benchRound(b *testing.B, n, concurrency, prefetch int) (rawRate, warrenRate
 		require.NoError(b, pprof.StartCPUProfile(f))
 		defer func() {
 			pprof.StopCPUProfile()
+			_ = f.Close()
+		}()
+	}
+	if file := os.Getenv("WARREN_BENCH_TRACE"); file != "" {
+		// An execution trace of the warren phase: where deliveries wait
+		// (go tool trace -pprof=sync|sched file).
+		f, err := os.Create(file)
+		require.NoError(b, err)
+		require.NoError(b, trace.Start(f))
+		defer func() {
+			trace.Stop()
 			_ = f.Close()
 		}()
 	}
