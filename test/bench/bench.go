@@ -50,9 +50,11 @@ type bench struct {
 	dir       string
 	conn      *amqp.Connection
 	machine   machine
-	bin       string       // warren, built once
-	brokerPID int          // the broker's process, for CPU accounting (0: unknown)
-	seq       atomic.Int64 // numbers databases and queues within the run
+	bin       string // warren, built once
+	brokerPID int    // the broker's process, for CPU accounting (0: unknown)
+	// brokerBusy: settle found the broker busy past settleMax once.
+	brokerBusy bool
+	seq        atomic.Int64 // numbers databases and queues within the run
 
 	mu       sync.Mutex
 	declared bool           // the producer's exchange is declared
