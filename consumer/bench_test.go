@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"io"
 	"os"
 	"runtime/pprof"
 	"runtime/trace"
@@ -130,27 +131,11 @@ func benchRound(b *testing.B, n, concurrency, prefetch int) (rawRate, warrenRate
 	}
 	c, err := consumer.New(cfg, handler)
 	require.NoError(b, err)
-	if file := os.Getenv("WARREN_BENCH_CPUPROFILE"); file != "" {
-		// The warren phase only (not the filling nor the raw consumer).
-		f, err := os.Create(file)
-		require.NoError(b, err)
-		require.NoError(b, pprof.StartCPUProfile(f))
-		defer func() {
-			pprof.StopCPUProfile()
-			_ = f.Close()
-		}()
-	}
-	if file := os.Getenv("WARREN_BENCH_TRACE"); file != "" {
-		// An execution trace of the warren phase: where deliveries wait
-		// (go tool trace -pprof=sync|sched file).
-		f, err := os.Create(file)
-		require.NoError(b, err)
-		require.NoError(b, trace.Start(f))
-		defer func() {
-			trace.Stop()
-			_ = f.Close()
-		}()
-	}
+	// The warren phase only (not the filling nor the raw consumer): a CPU
+	// profile, and an execution trace of where deliveries wait (go tool
+	// trace -pprof=sync|sched file).
+	defer recordTo(b, "WARREN_BENCH_CPUPROFILE", pprof.StartCPUProfile, pprof.StopCPUProfile)()
+	defer recordTo(b, "WARREN_BENCH_TRACE", trace.Start, trace.Stop)()
 	cpu0 = cpuTime()
 	start = time.Now()
 	require.NoError(b, c.Start(ctx))
@@ -165,6 +150,23 @@ func benchRound(b *testing.B, n, concurrency, prefetch int) (rawRate, warrenRate
 	require.NoError(b, c.Stop(ctx))
 	require.Equal(b, n, tb.count(b, `SELECT count(*) FROM warren_inbox WHERE status = 'processed'`))
 	return rawRate, warrenRate
+}
+
+// recordTo starts a recording (start) into the file the environment
+// variable env names, if it names one, and returns the func that stops it
+// (stop) and closes the file.
+func recordTo(b *testing.B, env string, start func(io.Writer) error, stop func()) func() {
+	file := os.Getenv(env)
+	if file == "" {
+		return func() {}
+	}
+	f, err := os.Create(file)
+	require.NoError(b, err, env)
+	require.NoError(b, start(f), env)
+	return func() {
+		stop()
+		_ = f.Close()
+	}
 }
 
 // cpuTime is the CPU time (user and system) this process used so far.
