@@ -1,9 +1,7 @@
 package consumer
 
 import (
-	"context"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -153,9 +151,8 @@ func (f *inFlightCollector) Collect(ch chan<- prometheus.Metric) {
 
 // routerMetrics are Watermill's own router metrics (components/metrics),
 // registered here so that a registration error is returned instead of
-// panicking inside the router. The consumer's Concurrency handlers,
-// "warren-<consumer>-<i>", count under one handler name,
-// "warren-<consumer>".
+// panicking inside the router. A consumer's router has one handler,
+// "warren-<consumer>", the name its metrics carry.
 type routerMetrics struct {
 	builder    wmetrics.PrometheusMetricsBuilder
 	middleware message.HandlerMiddleware
@@ -167,9 +164,6 @@ const RouterMetricsNamespace = "watermill"
 func newRouterMetrics(reg prometheus.Registerer) (r routerMetrics, err error) {
 	r.builder = wmetrics.NewPrometheusMetricsBuilderWithConfig(reg, wmetrics.PrometheusMetricsBuilderConfig{
 		Namespace: RouterMetricsNamespace,
-		AdditionalLabels: []wmetrics.MetricLabel{{Label: "handler_name", ComputeValueFn: func(ctx context.Context) string {
-			return handlerGroup(message.HandlerNameFromCtx(ctx))
-		}}},
 	})
 	defer func() {
 		if p := recover(); p != nil { // NewRouterMiddleware panics on a registration error
@@ -183,19 +177,4 @@ func newRouterMetrics(reg prometheus.Registerer) (r routerMetrics, err error) {
 func (r routerMetrics) instrument(router *message.Router) {
 	router.AddSubscriberDecorators(r.builder.DecorateSubscriber)
 	router.AddMiddleware(r.middleware)
-}
-
-// handlerGroup drops the subscription index of a handler name:
-// "warren-billing-3" is "warren-billing".
-func handlerGroup(name string) string {
-	i := strings.LastIndexByte(name, '-')
-	if i < 0 || i == len(name)-1 {
-		return name
-	}
-	for _, r := range name[i+1:] {
-		if r < '0' || r > '9' {
-			return name
-		}
-	}
-	return name[:i]
 }
