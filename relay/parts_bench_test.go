@@ -34,10 +34,11 @@ import (
 // WARREN_BENCH_ROWS says otherwise.
 const partsRowsDefault = 50_000
 
-// partsDB returns a migrated database holding partsRows(b) unpublished rows.
-func partsDB(b *testing.B) *sql.DB {
+// partsDB returns a migrated database and how many unpublished rows it
+// holds (partsRows).
+func partsDB(b *testing.B) (*sql.DB, int) {
 	b.Helper()
-	partsRows := partsRows(b)
+	n := partsRows(b)
 	ctx := context.Background()
 	db, err := wsql.Open(ctx, filepath.Join(b.TempDir(), "parts.db"), wsql.Options{Synchronous: "OFF"})
 	require.NoError(b, err)
@@ -45,9 +46,9 @@ func partsDB(b *testing.B) *sql.DB {
 	_, err = wsql.Migrate(ctx, db)
 	require.NoError(b, err)
 	evs := make([]outbox.Event, 0, 5000)
-	for i := 0; i < partsRows; i += len(evs) {
+	for i := 0; i < n; i += len(evs) {
 		evs = evs[:0]
-		for j := i; j < min(i+5000, partsRows); j++ {
+		for j := i; j < min(i+5000, n); j++ {
 			evs = append(evs, partsEvent(j))
 		}
 		_, err := outbox.AppendDB(ctx, db, evs...)
@@ -55,7 +56,7 @@ func partsDB(b *testing.B) *sql.DB {
 	}
 	_, err = db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`)
 	require.NoError(b, err)
-	return db
+	return db, n
 }
 
 // partsRows is how many rows partsDB appends: WARREN_BENCH_ROWS, or
@@ -124,7 +125,7 @@ func (c *cpuClock) report(b *testing.B, n int) {
 // reads of DefaultBatchSize rows after a cursor, from the start again when
 // it reaches the end.
 func BenchmarkReadOutbox(b *testing.B) {
-	db := partsDB(b)
+	db, _ := partsDB(b)
 	b.ReportAllocs()
 	ctx := context.Background()
 	var cursor int64
@@ -148,7 +149,7 @@ func BenchmarkReadOutbox(b *testing.B) {
 // straight (toPublishing, for *publisher.Publisher) and through a
 // Watermill message and the Marshaler (any other Watermill publisher).
 func BenchmarkPublishing(b *testing.B) {
-	db := partsDB(b)
+	db, _ := partsDB(b)
 	rows, err := outbox.ReadUnpublished(context.Background(), db, 0, 1000, 0)
 	require.NoError(b, err)
 	b.Run("prepared", func(b *testing.B) {
@@ -179,15 +180,14 @@ func BenchmarkPublishing(b *testing.B) {
 func BenchmarkMarkPublished(b *testing.B) {
 	for _, perTx := range []int{40, 160, 640, 1280} {
 		b.Run(fmt.Sprint(perTx), func(b *testing.B) {
-			db := partsDB(b)
-			partsRows := int64(partsRows(b))
+			db, rows := partsDB(b)
 			ctx := context.Background()
 			seq := int64(0)
 			seqs := make([]int64, 0, perTx)
 			clock := startCPU()
 			b.ResetTimer()
 			for done := 0; done < b.N; {
-				if seq+int64(perTx) > partsRows {
+				if seq+int64(perTx) > int64(rows) {
 					b.StopTimer()
 					clock.pause()
 					_, err := db.ExecContext(ctx, `UPDATE warren_outbox SET published_at = NULL`)
